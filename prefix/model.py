@@ -1,0 +1,65 @@
+"""A frozen base language model plus a trainable prefix encoder.
+
+Real tokens sit at positions P, P+1, ... (the FasterTransformer convention), in training and at inference, for
+left- or right-padded batches. The prefix reaches every layer through `prefix.attention`, so it survives
+gradient checkpointing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import use_prefix_attention
+from .encoder import PrefixEncoder
+
+
+def is_trainable(name: str) -> bool:
+    """The one predicate that decides what trains, what the optimizer sees and what a training state saves."""
+    return name.startswith("encoder.")
+
+
+def prefix_positions(attention_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """(B, T) mask -> (B, T) position ids: the first real token of every row sits at P, padding ignored."""
+    return prefix_len + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PrefixLM(nn.Module):
+    def __init__(self, base: nn.Module, encoder: PrefixEncoder):
+        super().__init__()
+        self.base = base
+        self.encoder = encoder
+        use_prefix_attention(base)
+        base.config.use_cache = False
+        for name, p in self.named_parameters():
+            p.requires_grad_(is_trainable(name))
+
+    def gradient_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            # Non-reentrant: the prefix table arrives as a keyword argument and still receives its gradient.
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.base.gradient_checkpointing_disable()
+
+    def hidden_states(self, input_ids, attention_mask, table=None):
+        """(B, T) ids -> (B, T, E) last hidden states, with the prefix `table` (defaults to the encoder's)."""
+        table = self.encoder() if table is None else table
+        out = self.base.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=prefix_positions(attention_mask, self.encoder.shape.prefix_len),
+            prefix_table=table,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def forward(self, input_ids, attention_mask, labels):
+        """Mean next-token loss over labelled tokens, and their count (for token-weighted averages)."""
+        hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, E)
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != -100
+        # Only labelled positions reach the (large) output layer: prompts and padding cost nothing there.
+        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        n_tokens = keep.sum()
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens.clamp(min=1)
+        return loss, n_tokens

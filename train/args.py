@@ -1,0 +1,152 @@
+"""Training arguments: one dataclass, a docstring (help) per field, and one `validate_args` naming every bad flag.
+
+The seed reference's flags (rinna prefix-tuning-gpt) are the primary names, so its command lines run unchanged;
+`--model` and `--data` are short aliases of `--pretrained_model_dir` and `--data_filepath`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    pretrained_model_dir: str | None = _f(None, "base model: Hugging Face folder or name, a .gguf file, or 'smollm2' "
+                                                "(default: the embedded SmolLM2-135M-Instruct)", aliases=["--model"])
+    model_type: str | None = _f(None, "seed compatibility: 'gpt-neox' or 'gpt'; checked against the model's config",
+                                choices=["gpt-neox", "gpt"])
+    data_filepath: str | None = _f(None, "JSONL with {\"text\"} or {\"prompt\",\"completion\"} per line "
+                                         "(default: built-in paragraphs from CPython's documentation)")
+    data: str | None = _f(None, "like --data_filepath, but {\"text\"} records train as they are (--transform none)")
+    transform: str | None = _f(None, "'smileface' appends ' 😃' to every line of {\"text\"} records; 'none' trains on "
+                                     "text as is (default: smileface for the built-in data and for --data_filepath, "
+                                     "as the seed did; none for --data)", choices=["smileface", "none"])
+    max_seq_len: int = _f(96, "longest training example in tokens; smileface packs whole lines up to it")
+    train_data_size: int | None = _f(None, "use at most this many training examples (default: all)")
+    dev_data_size: int = _f(64, "held-out examples for the dev loss, taken from whole records")
+    task: str | None = _f(None, "task name stored in the prefix file (default: --save_name)")
+    # prefix
+    prefix_seq_len: int = _f(16, "prefix length P (virtual tokens per layer)")
+    prefix_input_dim: int = _f(512, "prefix encoder: embedding size")
+    prefix_hidden_dim: int = _f(512, "prefix encoder: hidden size of the MLP")
+    prefix_dropout: float = _f(0.0, "prefix encoder: dropout inside the MLP")
+    prefix_init: str = _f("text", "step-0 prefix: 'text' = the base model's own keys/values for --prefix_init_text "
+                                  "(barely changes the base model), 'zero', or 'random'",
+                          choices=["text", "zero", "random"])
+    prefix_init_text: str = _f("The following text is taken from the documentation of the Python programming "
+                               "language.", "text whose keys/values start the prefix when --prefix_init text")
+    # optimisation
+    seed: int = _f(42, "seed for data order, initialisation and dropout")
+    batch_size: int | None = _f(None, "micro-batch size per process (default 8, or the DeepSpeed config's)")
+    n_accum_steps: int | None = _f(None, "micro-batches per optimizer step (default 1, or the DeepSpeed config's)")
+    n_epochs: int = _f(1, "passes over the training data")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (default: n_epochs worth)",
+                               aliases=["--n_training_steps"])
+    n_warmup_steps: int = _f(10, "optimizer steps of linear warmup before cosine decay to --min_lr")
+    max_lr: float = _f(3e-3, "peak learning rate")
+    min_lr: float = _f(1e-5, "learning rate at the end of the decay")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory; the prefix stays applied")
+    # precision and DeepSpeed
+    fp16: bool = _f(False, "train in fp16 with dynamic loss scaling (GPUs without bf16, e.g. T4)")
+    bf16: bool = _f(False, "train in bf16 (Ampere+ GPUs; also ~4x faster than fp32 on recent CPUs)")
+    zero_stage: int | None = _f(None, "ZeRO stage 0, 1, 2 or 3 (default 2, or the DeepSpeed config's)",
+                                choices=[0, 1, 2, 3])
+    offload: bool = _f(False, "keep optimizer states on the CPU and step with DeepSpeedCPUAdam")
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON (e.g. ds_configs/zero2_offload.json); flags given on the "
+                                            "command line override its values; a missing file is ignored (the "
+                                            "seed's scripts passed a file they were about to write)")
+    deepspeed: bool = _f(False, "accepted for the seed's command line; training always runs under DeepSpeed")
+    # output
+    save_name: str = _f("prefix", "prefix file name: <save_dir>/<save_name>.safetensors")
+    save_dir: str = _f("runs", "where the prefix, its training state and metrics go")
+    save_model: bool = _f(False, "accepted for the seed's command line; the best prefix is always saved")
+    resume: bool = _f(False, "continue from <save_dir>/<save_name>.state (same arguments, same loss curve)")
+    overwrite: bool = _f(False, "start afresh even if <save_dir>/<save_name>.safetensors exists")
+    eval_every: int = _f(50, "optimizer steps between dev evaluations (and training-state saves); 0 = per epoch")
+    log_every: int = _f(10, "optimizer steps between log lines")
+    local_rank: int = _f(-1, "set by the deepspeed launcher", hidden=True)
+
+    @property
+    def model(self) -> str | None:
+        return self.pretrained_model_dir
+
+    @property
+    def data_path(self) -> str | None:
+        return self.data or self.data_filepath
+
+    @property
+    def data_transform(self) -> str:
+        if self.transform:
+            return self.transform
+        return "none" if self.data else "smileface"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a prefix (prefix tuning, Li & Liang 2021) for a frozen causal LM under DeepSpeed. "
+                    "Run as `deepspeed -m train ...` (any number of processes) or `python -m train ...` (one).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainArgs):
+        meta = dict(f.metadata)
+        names = [f"--{f.name}", *meta.pop("aliases", [])]
+        kw = {"dest": f.name, "default": f.default,
+              "help": argparse.SUPPRESS if meta.pop("hidden", False) else meta.pop("help")}
+        meta.pop("help", None)
+        if f.type == "bool":
+            parser.add_argument(*names, action="store_true", **kw)
+        else:
+            conv = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            parser.add_argument(*names, type=conv, **kw, **meta)
+        if f.name == "local_rank":
+            parser.add_argument("--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def validate_args(a: TrainArgs) -> list[str]:
+    """Every problem with the arguments, each naming its flag; empty when all is well."""
+    problems = []
+    positive = ["max_seq_len", "prefix_seq_len", "prefix_input_dim", "prefix_hidden_dim", "n_epochs", "log_every"]
+    for name in positive + ["batch_size", "n_accum_steps", "max_steps", "train_data_size"]:
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            problems.append(f"--{name} must be at least 1, got {v}")
+    for name in ("n_warmup_steps", "dev_data_size", "eval_every", "weight_decay", "grad_clip", "min_lr"):
+        if getattr(a, name) < 0:
+            problems.append(f"--{name} must not be negative, got {getattr(a, name)}")
+    if not 0 <= a.prefix_dropout < 1:
+        problems.append(f"--prefix_dropout must be in [0, 1), got {a.prefix_dropout}")
+    if a.max_lr <= 0:
+        problems.append(f"--max_lr must be positive, got {a.max_lr}")
+    elif a.min_lr > a.max_lr:
+        problems.append(f"--min_lr ({a.min_lr}) must not exceed --max_lr ({a.max_lr})")
+    if a.fp16 and a.bf16:
+        problems.append("--fp16 and --bf16 exclude each other: pick one")
+    if a.dev_data_size < 1:
+        problems.append("--dev_data_size must be at least 1: the best prefix is chosen on the dev loss")
+    if a.prefix_init == "text" and not a.prefix_init_text.strip():
+        problems.append("--prefix_init_text is empty: give a text or use --prefix_init zero")
+    if not a.save_name or "/" in a.save_name or a.save_name.startswith("."):
+        problems.append(f"--save_name must be a plain file name (no '/', not hidden), got {a.save_name!r}")
+    if a.data and a.data_filepath:
+        problems.append("--data and --data_filepath both name a data file: give one")
+    if a.resume and a.overwrite:
+        problems.append("--resume and --overwrite exclude each other")
+    return problems
+
+
+def parse_args(argv=None) -> TrainArgs:
+    ns = build_parser().parse_args(argv)
+    args = TrainArgs(**vars(ns))
+    problems = validate_args(args)
+    if problems:
+        build_parser().error("\n  " + "\n  ".join(problems))
+    return args

@@ -1,0 +1,62 @@
+"""The DeepSpeed config of a run: a shipped/user JSON file as the base, command-line flags on top."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_ds_file(path: str | None) -> dict:
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed_config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--deepspeed_config {path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def build_ds_config(args, world_size: int) -> dict:
+    """The resolved config; the flags that were given (not None/False) win over the file."""
+    cfg = load_ds_file(args.deepspeed_config)
+    # Batch sizes: flag, else file, else default. DeepSpeed checks train_batch_size = micro * accum * world.
+    micro = args.batch_size or cfg.get("train_micro_batch_size_per_gpu") or 8
+    accum = args.n_accum_steps or cfg.get("gradient_accumulation_steps") or 1
+    if isinstance(micro, str) or isinstance(accum, str):
+        raise ValueError("--deepspeed_config: 'auto' batch sizes are not supported; give numbers or the flags "
+                         "--batch_size / --n_accum_steps")
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_batch_size"] = micro * accum * world_size
+    zero = dict(cfg.get("zero_optimization") or {})
+    if args.zero_stage is not None:
+        zero["stage"] = args.zero_stage
+    zero.setdefault("stage", 2)
+    if args.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    cfg["zero_optimization"] = zero
+    if args.fp16:
+        cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": True}
+        cfg.setdefault("fp16", {}).setdefault("initial_scale_power", 16)
+        cfg["bf16"] = {"enabled": False}
+    if args.bf16:
+        cfg["bf16"] = {"enabled": True}
+        cfg["fp16"] = {"enabled": False}
+    cfg["gradient_clipping"] = args.grad_clip
+    cfg.pop("optimizer", None)  # prefixtune builds the optimizer (DeepSpeedCPUAdam when offloading)
+    cfg.pop("scheduler", None)  # and sets the learning rate itself, once per optimizer step
+    cfg.setdefault("steps_per_print", 10**9)
+    return cfg
+
+
+def precision(cfg: dict) -> str:
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def offloads(cfg: dict) -> bool:
+    return (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") == "cpu"
