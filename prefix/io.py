@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .shapes import PrefixShape, base_dims
@@ -74,7 +74,7 @@ def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
             if "prefix" not in keys:
                 raise ValueError(f"{path}: no tensor 'prefix' (found {keys}); is this a prefixtune prefix file?")
             table = f.get_tensor("prefix").float()
-    except (OSError, RuntimeError) as e:  # safetensors' own parse errors
+    except (OSError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: header field format is {meta.get('format')!r}, expected {FORMAT!r}")

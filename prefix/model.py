@@ -37,9 +37,9 @@ class PrefixLM(nn.Module):
     def gradient_checkpointing(self, enable: bool = True) -> None:
         if enable:
             # Non-reentrant: the prefix table arrives as a keyword argument and still receives its gradient.
-            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.base.gradient_checkpointing_disable()
+            self.base.activation_checkpointing_disable()
 
     def hidden_states(self, input_ids, attention_mask, table=None):
         """(B, T) ids -> (B, T, E) last hidden states, with the prefix `table` (defaults to the encoder's)."""

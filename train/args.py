@@ -48,14 +48,17 @@ class TrainArgs:
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: n_epochs worth)",
                                aliases=["--n_training_steps"])
     n_warmup_steps: int = _f(10, "optimizer steps of linear warmup before cosine decay to --min_lr")
-    max_lr: float = _f(3e-3, "peak learning rate")
+    max_lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-5, "learning rate at the end of the decay")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory; the prefix stays applied")
     # precision and DeepSpeed
-    fp16: bool = _f(False, "train in fp16 with dynamic loss scaling (GPUs without bf16, e.g. T4)")
-    bf16: bool = _f(False, "train in bf16 (Ampere+ GPUs; also ~4x faster than fp32 on recent CPUs)")
+    precision: str = _f("auto", "'auto' = bf16 on GPUs and CPUs with fast bf16, fp16 on older GPUs, else fp32 "
+                                "(unless the DeepSpeed config enables fp16/bf16)",
+                        choices=["auto", "fp32", "fp16", "bf16"])
+    fp16: bool = _f(False, "same as --precision fp16: dynamic loss scaling (GPUs without bf16, e.g. T4)")
+    bf16: bool = _f(False, "same as --precision bf16 (Ampere+ GPUs; ~4x faster than fp32 on CPUs with AMX/AVX512-BF16)")
     zero_stage: int | None = _f(None, "ZeRO stage 0, 1, 2 or 3 (default 2, or the DeepSpeed config's)",
                                 choices=[0, 1, 2, 3])
     offload: bool = _f(False, "keep optimizer states on the CPU and step with DeepSpeedCPUAdam")
@@ -128,8 +131,9 @@ def validate_args(a: TrainArgs) -> list[str]:
         problems.append(f"--max_lr must be positive, got {a.max_lr}")
     elif a.min_lr > a.max_lr:
         problems.append(f"--min_lr ({a.min_lr}) must not exceed --max_lr ({a.max_lr})")
-    if a.fp16 and a.bf16:
-        problems.append("--fp16 and --bf16 exclude each other: pick one")
+    chosen = {p for p, on in (("fp16", a.fp16), ("bf16", a.bf16), (a.precision, a.precision != "auto")) if on}
+    if len(chosen) > 1:
+        problems.append(f"--fp16, --bf16 and --precision disagree ({', '.join(sorted(chosen))}): pick one")
     if a.dev_data_size < 1:
         problems.append("--dev_data_size must be at least 1: the best prefix is chosen on the dev loss")
     if a.prefix_init == "text" and not a.prefix_init_text.strip():

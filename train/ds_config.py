@@ -36,18 +36,37 @@ def build_ds_config(args, world_size: int) -> dict:
     if args.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     cfg["zero_optimization"] = zero
-    if args.fp16:
-        cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": True}
-        cfg.setdefault("fp16", {}).setdefault("initial_scale_power", 16)
+    wanted = "fp16" if args.fp16 else "bf16" if args.bf16 else args.precision
+    if wanted == "auto" and precision(cfg) == "fp32":
+        wanted = auto_precision()
+    if wanted == "fp16":
+        cfg["fp16"] = {"initial_scale_power": 16, **cfg.get("fp16", {}), "enabled": True}
         cfg["bf16"] = {"enabled": False}
-    if args.bf16:
+    elif wanted == "bf16":
         cfg["bf16"] = {"enabled": True}
+        cfg["fp16"] = {"enabled": False}
+    elif wanted == "fp32":
+        cfg["bf16"] = {"enabled": False}
         cfg["fp16"] = {"enabled": False}
     cfg["gradient_clipping"] = args.grad_clip
     cfg.pop("optimizer", None)  # prefixtune builds the optimizer (DeepSpeedCPUAdam when offloading)
     cfg.pop("scheduler", None)  # and sets the learning rate itself, once per optimizer step
     cfg.setdefault("steps_per_print", 10**9)
     return cfg
+
+
+def auto_precision() -> str:
+    """bf16 where it is fast (CUDA with bf16, CPUs with AMX or AVX512-BF16), fp16 on older GPUs, else fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
 def precision(cfg: dict) -> str:

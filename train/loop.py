@@ -30,7 +30,7 @@ from prefix.io import atomic_path, save_prefix
 
 from .args import TrainArgs, parse_args
 from .ds_config import build_ds_config, offloads, precision
-from .state import gather_state, read_state, restore_state, write_state
+from .state import gather_params, gather_state, read_state, restore_state, write_state
 
 SEED_MODEL_TYPES = {"gpt-neox": "gpt_neox", "gpt": "gpt2"}
 
@@ -195,11 +195,17 @@ def main(argv=None) -> int:
 
     def fp32_table() -> torch.Tensor:
         """The prefix table from the fp32 master weights (not the fp16/bf16 working copy) -- collective."""
-        params, _, _ = gather_state(engine, named)
+        params = gather_params(engine, named)
         enc = PrefixEncoder(shape, a.prefix_input_dim, a.prefix_hidden_dim, 0.0)
         enc.load_state_dict({n.removeprefix("encoder."): v for n, v in params.items()} | {"anchor": anchor_fp32})
         with torch.no_grad():
             return enc.eval()()  # (P, L*2*H_kv*D)
+
+    def save_best() -> None:
+        table = fp32_table()
+        if rank == 0:
+            save_prefix(prefix_path, table, shape, task=a.task or a.save_name, base_model=model_name,
+                        architecture=model_type, train_args=vars(a))
 
     def save_training_state(step: int, best: float) -> None:
         params, moments, scaler = gather_state(engine, named)
@@ -226,9 +232,10 @@ def main(argv=None) -> int:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             log.metrics_path.unlink(missing_ok=True)
-        dev0 = evaluate()
-        log(f"step 0: dev loss {dev0:.4f} ppl {math.exp(min(dev0, 50)):.2f}")
-        log.metrics({"step": 0, "dev_loss": dev0, "dev_ppl": math.exp(min(dev0, 50))})
+        best = evaluate()  # the starting prefix is the one to beat, and is kept if nothing beats it
+        save_best()
+        log(f"step 0: dev loss {best:.4f} ppl {math.exp(min(best, 50)):.2f}")
+        log.metrics({"step": 0, "dev_loss": best, "dev_ppl": math.exp(min(best, 50))})
 
     # ---- train
     from tqdm import tqdm
@@ -269,10 +276,7 @@ def main(argv=None) -> int:
             improved = dev < best
             if improved:
                 best = dev
-                table = fp32_table()
-                if rank == 0:
-                    save_prefix(prefix_path, table, shape, task=a.task or a.save_name, base_model=model_name,
-                                architecture=model_type, train_args=vars(a))
+                save_best()
             log(f"step {step}: dev loss {dev:.4f} ppl {row['dev_ppl']:.2f}"
                 + (f" -> saved {prefix_path}" if improved else f" (best {best:.4f})"))
             log.metrics(row)

@@ -55,9 +55,33 @@ def _step_count(engine) -> int:
     return 0
 
 
+def gather_params(engine, named_params) -> dict:
+    """Full fp32 master copies of the trainable parameters -- collective under ZeRO."""
+    return {n: full_fp32(engine, p) for n, p in named_params}
+
+
+def ensure_optimizer_state(engine) -> None:
+    """Allocate zeroed Adam state now (optimizers and DeepSpeed create it lazily at the first step), so a
+    restored state has somewhere to go."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            st = base.state[p]
+            if not st:
+                st["step"] = 0 if isinstance(base, DeepSpeedCPUAdam) else torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+
+
 def gather_state(engine, named_params) -> tuple[dict, dict, dict]:
     """(fp32 params, moments, scaler fields) -- collective under ZeRO."""
-    params = {n: full_fp32(engine, p) for n, p in named_params}
+    ensure_optimizer_state(engine)
+    params = gather_params(engine, named_params)
     moments = {f"{k}/{n}": _full_moment(engine, p, k) for n, p in named_params for k in MOMENTS}
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     fields = {f: getattr(scaler, f) for f in SCALER_FIELDS if scaler is not None and hasattr(scaler, f)}
@@ -99,6 +123,7 @@ def read_state(folder: Path) -> tuple[dict, dict, dict, dict]:
 @torch.no_grad()
 def restore_state(engine, named_params, params: dict, moments: dict, trainer: dict, rng: dict) -> None:
     step = trainer["optimizer_steps"]
+    ensure_optimizer_state(engine)
     for n, p in named_params:
         value = params[n].to(p.device)
         if safe_get_full_fp32_param(p) is not None:
@@ -109,9 +134,7 @@ def restore_state(engine, named_params, params: dict, moments: dict, trainer: di
             if safe_get_full_optimizer_state(p, k) is not None:
                 safe_set_full_optimizer_state(p, m, k)
             else:
-                st = _plain_state(engine, p)
-                st[k] = m.to(p.dtype)
-                st.setdefault("step", torch.tensor(0.0))
+                _plain_state(engine, p)[k] = m.to(p.dtype)
     for st in _base_optimizer(engine).state.values():
         if "step" in st:
             st["step"] = type(st["step"])(step) if not torch.is_tensor(st["step"]) else torch.tensor(float(step))

@@ -1,0 +1,30 @@
+"""Run the project's commands in subprocesses (DeepSpeed's process group is per process)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], env: dict | None = None, input: str | None = None, timeout: int = 600,
+        check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("RANK", None)
+    proc = subprocess.run(args, cwd=ROOT, env=full_env, input=input, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(*flags, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "train", *map(str, flags)], **kw)
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

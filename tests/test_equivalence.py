@@ -1,0 +1,137 @@
+"""The prefix wrapper against independent references: HF's eager attention over a hand-built cache, and PEFT."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DynamicCache
+
+from prefix import PrefixEncoder, PrefixLM, prefix_shape
+
+ARCHS = ["gpt_neox", "gpt2", "llama"]
+P = 5
+
+
+def reference_logits(eager, table, ids, mask):
+    """Prefix as a hand-built cache in front of the tokens, positions P.. from the mask; eager attention."""
+    cfg = eager.config
+    L = cfg.num_hidden_layers
+    H = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    B = ids.shape[0]
+    kv = table.reshape(P, L, 2, H, D)
+    cache = DynamicCache(config=cfg)
+    for layer in range(L):
+        k = kv[:, layer, 0].transpose(0, 1).unsqueeze(0).repeat(B, 1, 1, 1)  # (B, H, P, D)
+        v = kv[:, layer, 1].transpose(0, 1).unsqueeze(0).repeat(B, 1, 1, 1)
+        cache.update(k, v, layer)
+    full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], dim=1)
+    pos = P + (mask.cumsum(-1) - 1).clamp(min=0)
+    return eager(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache).logits
+
+
+def wrapper_logits(model, table, ids, mask):
+    enc = PrefixEncoder(prefix_shape(model.config, P), 8, 8)
+    lm = PrefixLM(model, enc)
+    hidden = lm.hidden_states(ids, mask, table)
+    return model.get_output_embeddings()(hidden)
+
+
+def batch(padding: str):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :4] = 0
+        mask[1, :1] = 0
+    elif padding == "right":
+        mask[0, -4:] = 0
+        mask[2, -2:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_logits_match_cache_reference(arch, padding):
+    model = tiny_model(arch, attn="sdpa")
+    eager = tiny_model(arch, attn="eager")
+    torch.manual_seed(2)
+    table = torch.randn(P, prefix_shape(model.config, P).width)
+    ids, mask = batch(padding)
+    with torch.no_grad():
+        ours = wrapper_logits(model, table, ids, mask)
+        ref = reference_logits(eager, table, ids, mask)
+        bare = eager(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (ours - ref)[keep].abs().max() < 1e-4
+    assert (bare - ref)[keep].abs().max() > 1e-2  # the prefix matters: the comparison can fail
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_fp32_reference(arch, dtype):
+    model = tiny_model(arch).to(dtype)
+    eager = tiny_model(arch, attn="eager")
+    torch.manual_seed(2)
+    table = torch.randn(P, prefix_shape(model.config, P).width)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        ours = wrapper_logits(model, table, ids, mask).float()
+        ref = reference_logits(eager, table, ids, mask)
+    keep = mask.bool()
+    err = (ours - ref)[keep].abs().max() / ref[keep].abs().max()
+    assert err < (0.05 if dtype == torch.bfloat16 else 0.01)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_peft_prefix_tuning(arch):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = tiny_model(arch, attn="eager")
+    torch.manual_seed(3)
+    table = torch.randn(P, prefix_shape(model.config, P).width)
+    peft = get_peft_model(copy.deepcopy(model),
+                          PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=False))
+    with torch.no_grad():
+        peft.prompt_encoder["default"].embedding.weight.copy_(table)
+    ids, mask = batch("none")
+    with torch.no_grad():
+        theirs = peft(input_ids=ids, attention_mask=mask).logits
+        ours = wrapper_logits(tiny_model(arch), table, ids, mask)
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encoder_gradients_same_with_gradient_checkpointing(arch):
+    torch.manual_seed(4)
+    model = tiny_model(arch)
+    enc = PrefixEncoder(prefix_shape(model.config, P), 16, 16)
+    enc.reset("random")
+    lm = PrefixLM(model, enc).train()
+    ids, mask = batch("left")
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads():
+        lm.zero_grad()
+        loss, _ = lm(ids, mask, labels)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+    loss_plain, plain = grads()
+    lm.gradient_checkpointing(True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    loss_ckpt, ckpt = grads()
+    assert torch.allclose(loss_plain, loss_ckpt, atol=1e-6)
+    for n in plain:
+        assert plain[n].abs().max() > 0, n
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())  # the base stays frozen
+
+
+def test_only_encoder_trains():
+    lm = PrefixLM(tiny_model("llama"), PrefixEncoder(prefix_shape(tiny_model("llama").config, P), 8, 8))
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable == {"encoder.embedding.weight", "encoder.mlp.0.weight", "encoder.mlp.0.bias",
+                         "encoder.mlp.3.weight", "encoder.mlp.3.bias"}
