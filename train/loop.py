@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     # ---- train
     from tqdm import tqdm
 
-    log.bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=rank != 0, dynamic_ncols=True)
+    log.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=rank != 0 or not sys.stderr.isatty())  # logs get the per-step lines instead
     stop_after = int(os.environ.get("PREFIXTUNE_CRASH_AFTER_STEP", "0"))  # tests: simulate a kill
     engine.train()
     t_start, tokens_seen = time.time(), 0
