@@ -1,0 +1,92 @@
+"""Move prefixes between prefixtune, PEFT prefix tuning and rinna's prefix-tuning-gpt.
+
+All three store the same table, `[P, L*2*H_kv*D]` in (position, layer, key/value, head, head_dim) order, so
+conversion is metadata: PEFT keeps it as `prompt_embeddings` in `adapter_model.safetensors` with an
+`adapter_config.json` (`prefix_projection: false`); rinna's `.checkpoint` is that tensor saved by `torch.save`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefix import prefix_shape
+from prefix.io import atomic_path, atomic_write_text, check_compatible, load_prefix, save_prefix
+
+
+def to_peft(prefix_path, out_dir) -> Path:
+    table, shape, meta = load_prefix(prefix_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "inference_mode": True,
+        "num_virtual_tokens": shape.prefix_len, "num_layers": shape.num_layers,
+        # PEFT's grouped-query convention: key/value heads and their width
+        "num_attention_heads": shape.num_kv_heads, "token_dim": shape.num_kv_heads * shape.head_dim,
+        "num_transformer_submodules": 1, "prefix_projection": False, "encoder_hidden_size": shape.head_dim,
+        "base_model_name_or_path": meta.get("base_model"), "revision": None, "modules_to_save": None,
+    }
+    with atomic_path(out / "adapter_model.safetensors") as tmp:
+        save_file({"prompt_embeddings": table.contiguous()}, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _base_config(model):
+    from transformers import AutoConfig
+
+    from prefix.base import resolve_model
+
+    where, kwargs = resolve_model(model)
+    return AutoConfig.from_pretrained(where, **kwargs)
+
+
+def _import(table: torch.Tensor, source: str, model, out, task: str, how: str) -> Path:
+    config = _base_config(model)
+    if table.dim() != 2:
+        raise ValueError(f"{source}: expected a 2-D prefix table [P, L*2*H_kv*D], got shape {tuple(table.shape)}")
+    shape = prefix_shape(config, table.shape[0])
+    if table.shape[1] != shape.width:
+        raise ValueError(f"{source}: table width {table.shape[1]} does not fit {model} (L*2*H_kv*D = "
+                         f"{shape.num_layers}*2*{shape.num_kv_heads}*{shape.head_dim} = {shape.width}); "
+                         "pass the --model it was trained on")
+    check_compatible(source, shape, {"base_model": model, "architecture": config.model_type}, config)
+    save_prefix(out, table.float(), shape, task=task, base_model=str(model), architecture=config.model_type,
+                train_args={"imported_from": how, "source": str(source)})
+    return Path(out)
+
+
+def from_peft(adapter_dir, model, out, task: str | None = None) -> Path:
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass a PEFT adapter folder")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, expected 'PREFIX_TUNING'")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read; "
+                                "re-save with safe_serialization=True)")
+    tensors = load_file(str(weights))
+    if "prompt_embeddings" not in tensors:
+        raise ValueError(f"{weights}: no tensor 'prompt_embeddings' (found {sorted(tensors)})")
+    return _import(tensors["prompt_embeddings"], str(weights), model, out, task or adapter_dir.name, "peft")
+
+
+def from_rinna(checkpoint, model, out, task: str) -> Path:
+    """rinna's `.checkpoint` is a bare tensor saved with torch.save; it is read with weights_only=True."""
+    try:
+        table = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported as a bad file
+        raise ValueError(f"{checkpoint}: not a tensor file that loads with weights_only=True ({e})") from None
+    if isinstance(table, dict):  # some forks save {"model": tensor}
+        tensors = [v for v in table.values() if torch.is_tensor(v)]
+        if len(tensors) != 1:
+            raise ValueError(f"{checkpoint}: expected one prefix tensor, found keys {sorted(table)}")
+        table = tensors[0]
+    if not torch.is_tensor(table):
+        raise ValueError(f"{checkpoint}: expected a tensor, got {type(table).__name__}")
+    return _import(table, str(checkpoint), model, out, task, "rinna prefix-tuning-gpt")
