@@ -30,7 +30,8 @@ from prefix.io import atomic_path, save_prefix
 
 from .args import TrainArgs, parse_args
 from .ds_config import build_ds_config, offloads, precision
-from .state import gather_params, gather_state, read_state, restore_state, write_state
+from .state import (gather_params, gather_state, optimizer_step_count, read_state, restore_state,
+                    write_state)
 
 SEED_MODEL_TYPES = {"gpt-neox": "gpt_neox", "gpt": "gpt2"}
 
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     def save_training_state(step: int, best: float) -> None:
         params, moments, scaler = gather_state(engine, named)
         if rank == 0:
-            trainer = {"step": step, "optimizer_steps": _opt_steps(engine), "best_dev_loss": best,
+            trainer = {"step": step, "optimizer_steps": optimizer_step_count(engine), "best_dev_loss": best,
                        "loss_scaler": scaler, "global_batch": global_batch, "n_train": len(train_ex),
                        "args": vars(a)}
             write_state(state_dir, params, anchor_fp32, moments, trainer)
@@ -292,12 +293,6 @@ def main(argv=None) -> int:
     log(f"done: {step} steps in {elapsed:.0f}s ({tokens_seen / max(elapsed, 1e-9):.0f} tok/s on this run), "
         f"best dev loss {best:.4f}; prefix: {prefix_path}")
     return 0
-
-
-def _opt_steps(engine) -> int:
-    from .state import _step_count
-
-    return _step_count(engine)
 
 
 if __name__ == "__main__":

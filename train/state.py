@@ -48,7 +48,8 @@ def _full_moment(engine, p, key) -> torch.Tensor:
     return torch.zeros(p.shape) if v is None else v.float().cpu().clone()
 
 
-def _step_count(engine) -> int:
+def optimizer_step_count(engine) -> int:
+    """Optimizer steps taken (Adam's bias-correction counter)."""
     for st in _base_optimizer(engine).state.values():
         if "step" in st:
             return int(st["step"])
