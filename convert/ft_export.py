@@ -100,6 +100,11 @@ def export(model_dir, prefixes, out, tp: int = 1, dtype: str = "fp16", force: bo
                 _write(tmp / fname, t, dtype)
         extra = {"tensor_para_size": tp, "source_model": str(model_dir.resolve()), "writer": "prefixtune"}
         _write_index(tmp, d, [(n, t.shape[0]) for n, t in tasks], dtype, config, model_name or model_dir.name, extra)
+        from .ft_verify import check_files
+
+        problems = check_files(tmp)  # FT would only warn about these and serve garbage
+        if problems:
+            raise ExportError("the export failed its own file check:\n  " + "\n  ".join(problems))
         _replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -173,8 +173,11 @@ def main(argv=None) -> int:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                       model_parameters=[p for _, p in named])
     prec = precision(ds_cfg)
-    n_trainable = sum(p.numel() for _, p in named)
-    n_base = sum(p.numel() for p in base.parameters())
+    def numel(p):  # ZeRO-3 partitions parameters: their local numel() is 0
+        return getattr(p, "ds_numel", p.numel())
+
+    n_trainable = sum(numel(p) for _, p in named)
+    n_base = sum(numel(p) for p in base.parameters())
     log(f"base {model_name} ({model_type}, {n_base / 1e6:.1f}M params) | prefix P={shape.prefix_len} "
         f"L={shape.num_layers} H_kv={shape.num_kv_heads} D={shape.head_dim}: table {shape.prefix_len * shape.width:,} "
         f"values, encoder {n_trainable:,} trainable params | {len(train_ex)} train / {len(dev_ex)} dev examples | "
