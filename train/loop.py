@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
 
     # ---- base model, data, prefix encoder
-    base, tok, model_name = load_base(a.model, "fp32", device)
+    # Load in the training precision: a 3.6B model in fp32 (14 GB) would not fit a 16 GB T4 before DeepSpeed casts it.
+    base, tok, model_name = load_base(a.model, precision(ds_cfg), device)
     model_type = base.config.model_type
     if a.model_type and SEED_MODEL_TYPES[a.model_type] != model_type:
         raise SystemExit(f"--model_type {a.model_type} expects a {SEED_MODEL_TYPES[a.model_type]} model, "
