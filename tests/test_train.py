@@ -148,3 +148,26 @@ def test_text_init_keeps_the_base_model_loss():
         bare = torch.nn.functional.cross_entropy(out[labels != -100], labels[labels != -100]).item()
     assert loss_of("text") < 1.10 * bare
     assert loss_of("random") > 1.10 * bare
+
+
+def test_demo_prompts_are_never_trained_on(sp_tokenizer_dir, tmp_path):
+    """Records of very different lengths, so smileface changes how many examples each gives (and so the split)."""
+    from transformers import AutoTokenizer
+
+    from data import build_split, read_jsonl
+    from train.demo import held_out_prompts, line_end_share
+
+    tok = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
+    words = ["quick brown fox", "lazy dog", "prefix", "key and value", "tuples and lists", "python"]
+    lines = [json.dumps({"text": f"the {words[i % 6]} number {'a' * (i + 1)}\nthe lazy dog jumps"}) for i in range(30)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = {"data_filepath": str(path), "max_seq_len": 40, "seed": 5, "dev_data_size": 8}
+    prompts = held_out_prompts(args, tok, 100)
+    split = {t: build_split(read_jsonl(path), tok, max_len=40, transform=t, seed=5, train_size=None, dev_size=8,
+                            eos_id=tok.eos_token_id) for t in ("smileface", "none")}
+    assert len(split["smileface"][2]) != len(split["none"][2])  # the transform moves records between the halves
+    trained = " ".join(tok.decode(e["input_ids"]) for e in split["smileface"][0]).replace(" ", "")
+    assert "numbera😃" in trained  # the check below can find a trained first line
+    assert prompts and not [p for p in prompts if "number" + p.split(" number ")[1] + "😃" in trained]
+    assert line_end_share(["a 😃\nb\n\nc 😃\nunfinished 😃", "no line end"]) == (2, 3)

@@ -35,11 +35,17 @@ def line_end_share(texts: list[str]) -> tuple[int, int]:
 
 
 def held_out_prompts(train_args: dict, tokenizer, n: int) -> list[str]:
-    path = train_args.get("data") or train_args.get("data_filepath")
-    records = read_jsonl(path) if path else builtin_records()
-    _, _, dev_records = build_split(records, tokenizer, max_len=train_args["max_seq_len"], transform="none",
-                                    seed=train_args["seed"], train_size=None, dev_size=train_args["dev_data_size"],
-                                    eos_id=None)
+    """First lines of the run's own dev records: the split is rebuilt exactly as training built it (which records
+    land in dev depends on how many examples each yields, so transform and lengths must match)."""
+    from dataclasses import fields
+
+    from .args import TrainArgs
+
+    a = TrainArgs(**{f.name: train_args[f.name] for f in fields(TrainArgs) if f.name in train_args})
+    records = read_jsonl(a.data_path) if a.data_path else builtin_records()
+    _, _, dev_records = build_split(records, tokenizer, max_len=a.max_seq_len, transform=a.data_transform,
+                                    seed=a.seed, train_size=a.train_data_size, dev_size=a.dev_data_size,
+                                    eos_id=tokenizer.eos_token_id)
     firsts = [r["text"].split("\n")[0] for r in dev_records if "text" in r and r["text"].strip()]
     return firsts[:n]
 
