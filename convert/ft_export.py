@@ -99,7 +99,9 @@ def export(model_dir, prefixes, out, tp: int = 1, dtype: str = "fp16", force: bo
             for fname, t in L.prefix_files(name, table, d, tp).items():
                 _write(tmp / fname, t, dtype)
         extra = {"tensor_para_size": tp, "source_model": str(model_dir.resolve()), "writer": "prefixtune"}
-        _write_index(tmp, d, [(n, t.shape[0]) for n, t in tasks], dtype, config, model_name or model_dir.name, extra)
+        start, end = (config.bos_token_id or 0), (config.eos_token_id or 0)
+        _write_index(tmp, d, [(n, t.shape[0]) for n, t in tasks], dtype, start, end, model_name or model_dir.name,
+                     extra)
         from .ft_verify import check_files
 
         problems = check_files(tmp)  # FT would only warn about these and serve garbage
@@ -137,10 +139,8 @@ def _write_base(model_dir: Path, dst: Path, d: dict, tp: int, dtype: str, progre
                           f"{', '.join(missing[:3])}; is it a complete GPTNeoXForCausalLM checkpoint?")
 
 
-def _write_index(dst: Path, d: dict, tasks: list[tuple[str, int]], dtype: str, config, model_name: str,
-                 extra: dict) -> None:
-    start = config.bos_token_id if config.bos_token_id is not None else 0
-    end = config.eos_token_id if config.eos_token_id is not None else 0
+def _write_index(dst: Path, d: dict, tasks: list[tuple[str, int]], dtype: str, start: int, end: int,
+                 model_name: str, extra: dict) -> None:
     atomic_write_text(dst / "config.ini", L.config_ini(d, model_name=model_name, start_id=start, end_id=end,
                                                        dtype=dtype, tasks=tasks, extra=extra))
     live = {n: i for i, (n, _) in enumerate(tasks) if not n.startswith("_removed_")}
@@ -158,11 +158,6 @@ def read_export(export_dir) -> tuple[dict, dict, list[tuple[str, int]], dict]:
 def list_tasks(export_dir) -> list[tuple[int, str, int]]:
     _, _, tasks, _ = read_export(export_dir)
     return [(i, n, p) for i, (n, p) in enumerate(tasks) if not n.startswith("_removed_")]
-
-
-class _Cfg:  # start/end ids for rewriting config.ini from its own [gptneox] section
-    def __init__(self, g: dict):
-        self.bos_token_id, self.eos_token_id = int(g["start_id"]), int(g["end_id"])
 
 
 def add_tasks(export_dir, prefixes, replace: bool = False) -> list[tuple[int, str]]:
@@ -193,7 +188,7 @@ def add_tasks(export_dir, prefixes, replace: bool = False) -> list[tuple[int, st
             names.append(name)
             i = len(tasks) - 1
         done.append((i, name))
-    _write_index(export_dir, d, tasks, dtype, _Cfg(g), g["model_name"], extra)
+    _write_index(export_dir, d, tasks, dtype, int(g["start_id"]), int(g["end_id"]), g["model_name"], extra)
     return done
 
 
@@ -209,7 +204,8 @@ def remove_tasks(export_dir, names: list[str]) -> None:
     tp = int(extra.get("tensor_para_size", export_dir.name.split("-")[0]))
     for name in names:
         tasks[live[name]] = (PLACEHOLDER.format(live[name]), 0)
-    _write_index(export_dir, d, tasks, g["weight_data_type"], _Cfg(g), g["model_name"], extra)
+    _write_index(export_dir, d, tasks, g["weight_data_type"], int(g["start_id"]), int(g["end_id"]), g["model_name"],
+                 extra)
     for name in names:
         for r in range(tp):
             (export_dir / f"model.prefix_prompt.{name}.weight.{r}.bin").unlink(missing_ok=True)

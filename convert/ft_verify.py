@@ -121,14 +121,13 @@ class FTModel:
 
 
 def hf_logits(model, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-    from prefix import PrefixEncoder, PrefixLM, prefix_shape
+    from prefix import prefix_hidden_states
 
     mask = torch.ones_like(ids)
     with torch.no_grad():
         if table is None:
             return model(input_ids=ids, attention_mask=mask).logits
-        lm = PrefixLM(model, PrefixEncoder(prefix_shape(model.config, table.shape[0]), 8, 8))
-        return model.get_output_embeddings()(lm.hidden_states(ids, mask, table))
+        return model.get_output_embeddings()(prefix_hidden_states(model, ids, mask, table))
 
 
 def verify(export_dir, model_dir, prefixes, seed: int = 0, batch: int = 2, length: int = 12,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from prefix.io import atomic_write_text
 
-from .ft_export import list_tasks, read_export
+from .ft_export import read_export
 
 _INPUTS = [  # (name, data type, dims, optional)
     ("input_ids", "TYPE_UINT32", "[ -1 ]", False),
@@ -61,6 +61,3 @@ def task_id(tasks_json, task: str) -> int:
     if task not in ids:
         raise KeyError(f"task {task!r} is not served; served tasks: {', '.join(ids) or 'none'}")
     return ids[task]
-
-
-__all__ = ["config_pbtxt", "list_tasks", "task_id", "write_repository"]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import use_prefix_attention
+from .attention import ATTN_NAME, use_prefix_attention
 from .encoder import PrefixEncoder
 
 
@@ -22,6 +22,20 @@ def is_trainable(name: str) -> bool:
 def prefix_positions(attention_mask: torch.Tensor, prefix_len: int) -> torch.Tensor:
     """(B, T) mask -> (B, T) position ids: the first real token of every row sits at P, padding ignored."""
     return prefix_len + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefix_hidden_states(base, input_ids, attention_mask, table):
+    """(B, T) ids -> (B, T, E) last hidden states of `base` with the prefix `table` ([P, width] or [B, P, width])."""
+    if base.config._attn_implementation != ATTN_NAME:
+        use_prefix_attention(base)
+    out = base.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=prefix_positions(attention_mask, table.shape[-2]),
+        prefix_table=table,
+        use_cache=False,
+    )
+    return out.last_hidden_state
 
 
 class PrefixLM(nn.Module):
@@ -43,15 +57,7 @@ class PrefixLM(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask, table=None):
         """(B, T) ids -> (B, T, E) last hidden states, with the prefix `table` (defaults to the encoder's)."""
-        table = self.encoder() if table is None else table
-        out = self.base.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=prefix_positions(attention_mask, self.encoder.shape.prefix_len),
-            prefix_table=table,
-            use_cache=False,
-        )
-        return out.last_hidden_state
+        return prefix_hidden_states(self.base, input_ids, attention_mask, self.encoder() if table is None else table)
 
     def forward(self, input_ids, attention_mask, labels):
         """Mean next-token loss over labelled tokens, and their count (for token-weighted averages)."""

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache
 
-from prefix import PrefixEncoder, PrefixLM, prefix_shape
+from prefix import PrefixEncoder, PrefixLM, prefix_hidden_states, prefix_shape
 
 ARCHS = ["gpt_neox", "gpt2", "llama"]
 P = 5
@@ -33,10 +33,7 @@ def reference_logits(eager, table, ids, mask):
 
 
 def wrapper_logits(model, table, ids, mask):
-    enc = PrefixEncoder(prefix_shape(model.config, P), 8, 8)
-    lm = PrefixLM(model, enc)
-    hidden = lm.hidden_states(ids, mask, table)
-    return model.get_output_embeddings()(hidden)
+    return model.get_output_embeddings()(prefix_hidden_states(model, ids, mask, table))
 
 
 def batch(padding: str):
