@@ -171,3 +171,15 @@ def test_demo_prompts_are_never_trained_on(sp_tokenizer_dir, tmp_path):
     assert "numbera😃" in trained  # the check below can find a trained first line
     assert prompts and not [p for p in prompts if "number" + p.split(" number ")[1] + "😃" in trained]
     assert line_end_share(["a 😃\nb\n\nc 😃\nunfinished 😃", "no line end"]) == (2, 3)
+
+
+def test_state_survives_a_crash_between_renames(tmp_path):
+    from train.state import find_state, read_state, write_state
+
+    folder = tmp_path / "p.state"
+    assert find_state(folder) is None
+    write_state(folder, {"encoder.w": torch.ones(2)}, torch.zeros(1), {"exp_avg/encoder.w": torch.ones(2)}, {"step": 4})
+    assert find_state(folder) == folder
+    folder.rename(tmp_path / "p.state.old")  # the moment after the old state moved aside, before the new arrived
+    found = find_state(folder)
+    assert found == tmp_path / "p.state.old" and read_state(found)[3] == {"step": 4}

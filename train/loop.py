@@ -30,7 +30,7 @@ from prefix.io import atomic_path, save_prefix
 
 from .args import TrainArgs, parse_args
 from .ds_config import build_ds_config, offloads, precision
-from .state import (gather_params, gather_state, optimizer_step_count, read_state, restore_state,
+from .state import (find_state, gather_params, gather_state, optimizer_step_count, read_state, restore_state,
                     write_state)
 
 SEED_MODEL_TYPES = {"gpt-neox": "gpt_neox", "gpt": "gpt2"}
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     if prefix_path.exists() and not (a.resume or a.overwrite):
         raise SystemExit(f"{prefix_path} exists: pass --resume to continue that run, --overwrite to start afresh, "
                          "or choose another --save_name")
-    if a.resume and not state_dir.is_dir():
+    if a.resume and find_state(state_dir) is None:
         raise SystemExit(f"--resume: no training state at {state_dir}; start without --resume")
     torch.manual_seed(a.seed)
 
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     # ---- resume or start
     step, best = 0, float("inf")
     if a.resume:
-        params, moments, rng, trainer = read_state(state_dir)
+        params, moments, rng, trainer = read_state(find_state(state_dir))
         if trainer["global_batch"] != global_batch or trainer["n_train"] != len(train_ex):
             raise SystemExit(f"--resume: the saved run used {trainer['n_train']} examples in steps of "
                              f"{trainer['global_batch']}, this one {len(train_ex)} in steps of {global_batch}; "

@@ -110,6 +110,14 @@ def write_state(folder: Path, params: dict, anchor: torch.Tensor, moments: dict,
     shutil.rmtree(old, ignore_errors=True)
 
 
+def find_state(folder: Path) -> Path | None:
+    """The state folder, or the previous one if a crash hit `write_state` between its two renames."""
+    for candidate in (folder, folder.with_name(folder.name + ".old")):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def read_state(folder: Path) -> tuple[dict, dict, dict, dict]:
     missing = [n for n in ("encoder.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
                if not (folder / n).is_file()]
