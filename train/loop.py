@@ -198,22 +198,19 @@ def main(argv=None) -> int:
         engine.train()
         return (sums[0] / sums[1]).item()
 
-    def fp32_table() -> torch.Tensor:
-        """The prefix table from the fp32 master weights (not the fp16/bf16 working copy) -- collective."""
-        params = gather_params(engine, named)
+    def fp32_table(params: dict) -> torch.Tensor:
+        """The prefix table from the fp32 master weights (not the fp16/bf16 working copy)."""
         enc = PrefixEncoder(shape, a.prefix_input_dim, a.prefix_hidden_dim, 0.0)
         enc.load_state_dict({n.removeprefix("encoder."): v for n, v in params.items()} | {"anchor": anchor_fp32})
         with torch.no_grad():
             return enc.eval()()  # (P, L*2*H_kv*D)
 
-    def save_best() -> None:
-        table = fp32_table()
+    def save_best(params: dict) -> None:
         if rank == 0:
-            save_prefix(prefix_path, table, shape, task=a.task or a.save_name, base_model=model_name,
+            save_prefix(prefix_path, fp32_table(params), shape, task=a.task or a.save_name, base_model=model_name,
                         architecture=model_type, train_args=vars(a))
 
-    def save_training_state(step: int, best: float) -> None:
-        params, moments, scaler = gather_state(engine, named)
+    def save_training_state(step: int, best: float, params: dict, moments: dict, scaler: dict) -> None:
         if rank == 0:
             trainer = {"step": step, "optimizer_steps": optimizer_step_count(engine), "best_dev_loss": best,
                        "loss_scaler": scaler, "global_batch": global_batch, "n_train": len(train_ex),
@@ -238,7 +235,7 @@ def main(argv=None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             log.metrics_path.unlink(missing_ok=True)
         best = evaluate()  # the starting prefix is the one to beat, and is kept if nothing beats it
-        save_best()
+        save_best(gather_params(engine, named))  # collective under ZeRO
         log(f"step 0: dev loss {best:.4f} ppl {math.exp(min(best, 50)):.2f}")
         log.metrics({"step": 0, "dev_loss": best, "dev_ppl": math.exp(min(best, 50))})
 
@@ -280,13 +277,14 @@ def main(argv=None) -> int:
             dev = evaluate()
             row |= {"dev_loss": dev, "dev_ppl": math.exp(min(dev, 50))}
             improved = dev < best
+            params, moments, scaler = gather_state(engine, named)  # collective: gathered once per evaluation
             if improved:
                 best = dev
-                save_best()
+                save_best(params)
             log(f"step {step}: dev loss {dev:.4f} ppl {row['dev_ppl']:.2f}"
                 + (f" -> saved {prefix_path}" if improved else f" (best {best:.4f})"))
             log.metrics(row)
-            save_training_state(step, best)
+            save_training_state(step, best, params, moments, scaler)
         else:
             log.metrics(row)
         if stop_after and step == stop_after:
