@@ -4,7 +4,7 @@
     python bench/convert.py --scale 0.25          # a quarter of the layers, for a quick look
 
 Random weights are written shard by shard (one layer per safetensors shard, never the whole model in memory),
-then `python -m convert ft` runs in a child process whose peak RSS is the figure reported, and the export's files
+then `python -m prefixtune.convert ft` runs in a child process whose peak RSS is the figure reported, and the export's files
 are checked against config.ini. Needs ~2x the model size in free disk (7.2 GB each at 3.6B fp16).
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ def main() -> int:
 
         from transformers import GPTNeoXConfig
 
-        from prefix import prefix_shape
-        from prefix.io import save_prefix
+        from prefixtune.prefix import prefix_shape
+        from prefixtune.prefix.io import save_prefix
 
         shape = prefix_shape(GPTNeoXConfig(**cfg), a.prefix_len)
         save_prefix(work / "task.safetensors", torch.randn(a.prefix_len, shape.width) * 0.02, shape, task="task",
@@ -108,7 +108,7 @@ def main() -> int:
             return 1
         peak_mib = int(proc.stderr.split("VmHWM")[-1].split()[0]) / 1024
 
-        from convert.ft_verify import check_files
+        from prefixtune.convert.ft_verify import check_files
 
         problems = check_files(work / "ft" / f"{a.tp}-gpu")
         out_bytes = sum(f.stat().st_size for f in (work / "ft" / f"{a.tp}-gpu").iterdir())

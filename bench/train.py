@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 def one(impl: str, dtype: str, a) -> dict:
     import torch
 
-    from data import build_split, builtin_records, collate
-    from prefix import PrefixEncoder, PrefixLM, prefix_shape, text_key_values
-    from prefix.base import DTYPES, load_base
+    from prefixtune.data import build_split, builtin_records, collate
+    from prefixtune.prefix import PrefixEncoder, PrefixLM, prefix_shape, text_key_values
+    from prefixtune.prefix.base import DTYPES, load_base
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,14 +1,14 @@
-"""`python -m convert`: FasterTransformer export and verification, task management, PEFT and rinna interchange.
+"""`python -m prefixtune.convert`: FasterTransformer export and verification, task management, PEFT and rinna interchange.
 
-    python -m convert ft --model HF_DIR --prefix a.safetensors b.safetensors --out OUT --tp 2 --dtype fp16
-    python -m convert verify OUT/2-gpu --model HF_DIR --prefix a.safetensors b.safetensors
-    python -m convert tasks OUT/2-gpu
-    python -m convert add OUT/2-gpu --prefix c.safetensors [--replace]
-    python -m convert remove OUT/2-gpu --task b
-    python -m convert triton OUT/2-gpu --repo triton_models
-    python -m convert peft --prefix a.safetensors --out adapter_dir
-    python -m convert from-peft adapter_dir --model HF_DIR --out a.safetensors
-    python -m convert from-rinna smileface_suffix.task0.weight --model HF_DIR --task smileface --out s.safetensors
+    python -m prefixtune.convert ft --model HF_DIR --prefix a.safetensors b.safetensors --out OUT --tp 2 --dtype fp16
+    python -m prefixtune.convert verify OUT/2-gpu --model HF_DIR --prefix a.safetensors b.safetensors
+    python -m prefixtune.convert tasks OUT/2-gpu
+    python -m prefixtune.convert add OUT/2-gpu --prefix c.safetensors [--replace]
+    python -m prefixtune.convert remove OUT/2-gpu --task b
+    python -m prefixtune.convert triton OUT/2-gpu --repo triton_models
+    python -m prefixtune.convert peft --prefix a.safetensors --out adapter_dir
+    python -m prefixtune.convert from-peft adapter_dir --model HF_DIR --out a.safetensors
+    python -m prefixtune.convert from-rinna smileface_suffix.task0.weight --model HF_DIR --task smileface --out s.safetensors
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m prefixtune.convert", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("ft", help="export a GPT-NeoX model and prefixes to OUT/<tp>-gpu")

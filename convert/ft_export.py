@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from prefix.io import atomic_write_text, load_prefix
+from prefixtune.prefix.io import atomic_write_text, load_prefix
 
 from . import ft_layout as L
 from .hf_stream import iter_tensors
@@ -45,7 +45,7 @@ def read_prefixes(paths, d: dict) -> tuple[list[tuple[str, torch.Tensor]], list[
         if not L.TASK_NAME.match(name) or name.startswith("_removed_"):
             problems.append(f"{path}: task name {name!r} must be 1-64 letters, digits, '_' or '-' (it becomes part "
                             "of file names and config.ini); retrain with another --task or rename with "
-                            "`python -m convert rename`")
+                            "`python -m prefixtune.convert rename`")
         elif name in seen:
             problems.append(f"{path}: task name {name!r} given twice")
         seen.add(name)
@@ -85,7 +85,7 @@ def export(model_dir, prefixes, out, tp: int = 1, dtype: str = "fp16", force: bo
         problems.append(f"--dtype {dtype}: expected one of {', '.join(L.NP_DTYPES)}")
     target = out / f"{tp}-gpu"
     if target.exists() and not force:
-        problems.append(f"{target} exists: pass --force to overwrite it, or add tasks with `python -m convert add`")
+        problems.append(f"{target} exists: pass --force to overwrite it, or add tasks with `python -m prefixtune.convert add`")
     if problems:
         raise ExportError("cannot export:\n  " + "\n  ".join(problems))
 

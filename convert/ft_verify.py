@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prefix.io import load_prefix
+from prefixtune.prefix.io import load_prefix
 
 from . import ft_layout as L
 from .ft_export import read_export
@@ -121,7 +121,7 @@ class FTModel:
 
 
 def hf_logits(model, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-    from prefix import prefix_hidden_states
+    from prefixtune.prefix import prefix_hidden_states
 
     mask = torch.ones_like(ids)
     with torch.no_grad():

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefix import prefix_shape
-from prefix.io import atomic_path, atomic_write_text, check_compatible, load_prefix, save_prefix
+from prefixtune.prefix import prefix_shape
+from prefixtune.prefix.io import atomic_path, atomic_write_text, check_compatible, load_prefix, save_prefix
 
 
 def to_peft(prefix_path, out_dir) -> Path:
@@ -37,7 +37,7 @@ def to_peft(prefix_path, out_dir) -> Path:
 def _base_config(model):
     from transformers import AutoConfig
 
-    from prefix.base import resolve_model
+    from prefixtune.prefix.base import resolve_model
 
     where, kwargs = resolve_model(model)
     return AutoConfig.from_pretrained(where, **kwargs)

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from prefix.io import atomic_write_text
+from prefixtune.prefix.io import atomic_write_text
 
 from .ft_export import read_export
 

@@ -3,7 +3,7 @@
     prefix_inference --prefix runs/smileface.safetensors            # REPL; :tasks, :task NAME, :base, :quit
     echo "The for statement" | prefix_inference --prefix a.safetensors --greedy   # one prompt per line
     prefix_inference --prefix a.safetensors b.safetensors --input prompts.jsonl --output out.jsonl
-    python -m prefix.inference --model_type gpt-neox --pretrained_model_dir DIR \
+    python -m prefixtune.prefix.inference --model_type gpt-neox --pretrained_model_dir DIR \
         --prefix_checkpoint_path a.safetensors --decode_method nucleus --top_p 0.9     # the seed's flags
 
 Input JSONL lines are {"prompt": ...} with an optional "task"; output lines add "completion".

@@ -12,10 +12,10 @@ import torch
 from conftest import tiny_config, tiny_model
 from helpers import run
 
-from convert.ft_export import ExportError, add_tasks, export, list_tasks, remove_tasks
-from convert.ft_verify import check_files, verify
-from prefix import prefix_shape
-from prefix.io import load_prefix, save_prefix
+from prefixtune.convert.ft_export import ExportError, add_tasks, export, list_tasks, remove_tasks
+from prefixtune.convert.ft_verify import check_files, verify
+from prefixtune.prefix import prefix_shape
+from prefixtune.prefix.io import load_prefix, save_prefix
 
 
 def make_neox(out: Path, parallel: bool, rotary_pct: float, **overrides) -> Path:
@@ -248,7 +248,7 @@ def test_sharded_bin_checkpoint_gives_the_same_files(neox, tmp_path):
 
 def test_cli_and_triton_repository(neox, tmp_path):
     model, prefixes = neox
-    py = [sys.executable, "-m", "convert"]
+    py = [sys.executable, "-m", "prefixtune.convert"]
     out = tmp_path / "out"
     proc = run(py + ["ft", "--model", str(model), "--prefix", *map(str, prefixes), "--out", str(out), "--tp", "2",
                      "--dtype", "fp16"])
@@ -264,7 +264,7 @@ def test_cli_and_triton_repository(neox, tmp_path):
               'key: "model_checkpoint_path"', str((out / "2-gpu").resolve()), 'name: "prompt_learning_task_name_ids"',
               "dynamic_batching"):
         assert s in pbtxt
-    from convert.triton import task_id
+    from prefixtune.convert.triton import task_id
 
     assert task_id(tmp_path / "repo" / "fastertransformer" / "tasks.json", "beta") == 1
     with pytest.raises(KeyError, match="not served"):
@@ -276,7 +276,7 @@ def test_peft_export_loads_in_peft_and_round_trips(tiny_llama_dir, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from test_equivalence import wrapper_logits
 
-    from convert.interchange import from_peft, to_peft
+    from prefixtune.convert.interchange import from_peft, to_peft
 
     cfg = AutoConfig.from_pretrained(tiny_llama_dir)
     src = make_prefix(tmp_path / "t.safetensors", cfg, 5, "t", 4)
@@ -298,7 +298,7 @@ def test_peft_export_loads_in_peft_and_round_trips(tiny_llama_dir, tmp_path):
 def test_rinna_checkpoint_import(tiny_neox_dir, tmp_path):
     from transformers import AutoConfig
 
-    from convert.interchange import from_rinna
+    from prefixtune.convert.interchange import from_rinna
 
     shape = prefix_shape(AutoConfig.from_pretrained(tiny_neox_dir), 10)
     table = torch.randn(10, shape.width)

@@ -6,8 +6,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from data import IGNORE, DataError, build_split, builtin_records, collate, read_jsonl, record_examples
-from data.examples import smileface_examples
+from prefixtune.data import IGNORE, DataError, build_split, builtin_records, collate, read_jsonl, record_examples
+from prefixtune.data.examples import smileface_examples
 
 
 @pytest.mark.parametrize("line, message", [
@@ -49,7 +49,7 @@ def test_smileface_keeps_every_line_and_the_last_chunk(sp_tokenizer_dir):
 
 
 def test_smileface_on_a_newline_tokenizer():
-    from prefix.base import load_tokenizer
+    from prefixtune.prefix.base import load_tokenizer
 
     tok = load_tokenizer(None)  # the embedded SmolLM2 tokenizer keeps "\n"
     chunks = smileface_examples("first line\nsecond line\n\nthird", tok, max_len=96)

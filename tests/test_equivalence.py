@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from transformers import DynamicCache
 
-from prefix import PrefixEncoder, PrefixLM, prefix_hidden_states, prefix_shape
+from prefixtune.prefix import PrefixEncoder, PrefixLM, prefix_hidden_states, prefix_shape
 
 ARCHS = ["gpt_neox", "gpt2", "llama"]
 P = 5

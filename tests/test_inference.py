@@ -9,8 +9,8 @@ import torch
 from helpers import run
 from test_equivalence import reference_logits
 
-from prefix import prefix_shape
-from prefix.io import save_prefix
+from prefixtune.prefix import prefix_shape
+from prefixtune.prefix.io import save_prefix
 
 P = 5
 
@@ -50,7 +50,7 @@ def prefixes(tiny_llama_dir, tmp_path_factory):
 
 
 def cli(*args, **kw):
-    return run([sys.executable, "-m", "prefix.inference", *map(str, args)], **kw)
+    return run([sys.executable, "-m", "prefixtune.prefix.inference", *map(str, args)], **kw)
 
 
 def test_repl_through_stdin_switches_tasks(tiny_llama_dir, prefixes):

@@ -9,8 +9,8 @@ from conftest import tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prefix import PrefixShape, prefix_shape
-from prefix.io import check_compatible, load_prefix, save_prefix
+from prefixtune.prefix import PrefixShape, prefix_shape
+from prefixtune.prefix.io import check_compatible, load_prefix, save_prefix
 
 
 def test_round_trip_exact(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from helpers import metrics, run
 
-from prefix.io import load_prefix
+from prefixtune.prefix.io import load_prefix
 
 
 def test_deepspeed_launcher_zero2_offload_two_processes(tiny_llama_dir, text_jsonl, tmp_path):

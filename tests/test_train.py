@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import ROOT, metrics, train
 
-from prefix.io import load_prefix
+from prefixtune.prefix.io import load_prefix
 
 TINY = ["--max_seq_len", 32, "--prefix_seq_len", 4, "--prefix_input_dim", 16, "--prefix_hidden_dim", 16,
         "--dev_data_size", 6, "--batch_size", 2, "--log_every", 1, "--max_lr", 1e-2, "--n_warmup_steps", 2]
@@ -82,7 +82,7 @@ def test_bad_data_line_is_named_and_nothing_written(tiny_llama_dir, tmp_path):
 
 
 def test_help_explains_every_flag():
-    from train.args import TrainArgs, build_parser
+    from prefixtune.train.args import TrainArgs, build_parser
 
     text = build_parser().format_help()
     for name in TrainArgs.__dataclass_fields__:
@@ -92,7 +92,7 @@ def test_help_explains_every_flag():
 
 
 def test_validate_args_lists_every_problem(capsys):
-    from train.args import parse_args
+    from prefixtune.train.args import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--batch_size", "0", "--fp16", "--bf16", "--max_lr", "-1", "--save_name", "a/b"])
@@ -104,8 +104,8 @@ def test_validate_args_lists_every_problem(capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_deepspeed_config_loads(path):
-    from train.args import parse_args
-    from train.ds_config import auto_precision, build_ds_config, offloads, precision
+    from prefixtune.train.args import parse_args
+    from prefixtune.train.ds_config import auto_precision, build_ds_config, offloads, precision
 
     raw = json.loads(path.read_text())
     cfg = build_ds_config(parse_args(["--deepspeed_config", str(path)]), world_size=2)
@@ -124,10 +124,10 @@ def test_every_shipped_deepspeed_config_loads(path):
 def test_text_init_keeps_the_base_model_loss():
     """On the embedded SmolLM2: step-0 dev loss with the default text-initialised prefix is within 10 % of the
     bare model's; a random prefix is far worse."""
-    from data import build_split, builtin_records, collate
-    from prefix import PrefixEncoder, PrefixLM, prefix_shape, text_key_values
-    from prefix.base import load_base
-    from train.args import TrainArgs
+    from prefixtune.data import build_split, builtin_records, collate
+    from prefixtune.prefix import PrefixEncoder, PrefixLM, prefix_shape, text_key_values
+    from prefixtune.prefix.base import load_base
+    from prefixtune.train.args import TrainArgs
 
     base, tok, _ = load_base(None)
     _, dev, _ = build_split(builtin_records(), tok, max_len=96, transform="smileface", seed=42, train_size=None,
@@ -154,8 +154,8 @@ def test_demo_prompts_are_never_trained_on(sp_tokenizer_dir, tmp_path):
     """Records of very different lengths, so smileface changes how many examples each gives (and so the split)."""
     from transformers import AutoTokenizer
 
-    from data import build_split, read_jsonl
-    from train.demo import held_out_prompts, line_end_share
+    from prefixtune.data import build_split, read_jsonl
+    from prefixtune.train.demo import held_out_prompts, line_end_share
 
     tok = AutoTokenizer.from_pretrained(sp_tokenizer_dir)
     words = ["quick brown fox", "lazy dog", "prefix", "key and value", "tuples and lists", "python"]
@@ -174,7 +174,7 @@ def test_demo_prompts_are_never_trained_on(sp_tokenizer_dir, tmp_path):
 
 
 def test_state_survives_a_crash_between_renames(tmp_path):
-    from train.state import find_state, read_state, write_state
+    from prefixtune.train.state import find_state, read_state, write_state
 
     folder = tmp_path / "p.state"
     assert find_state(folder) is None

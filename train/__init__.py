@@ -1,1 +1,1 @@
-"""Prefix training under DeepSpeed: `deepspeed -m train ...` or `python -m train ...` (see train/loop.py)."""
+"""Prefix training under DeepSpeed: `deepspeed --module train ...` or `python -m train ...` (see train/loop.py)."""

@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from data import build_split, builtin_records, read_jsonl
-from prefix.base import load_base
-from prefix.generate import Generator, Sampling
-from prefix.io import load_prefix
+from prefixtune.data import build_split, builtin_records, read_jsonl
+from prefixtune.prefix.base import load_base
+from prefixtune.prefix.generate import Generator, Sampling
+from prefixtune.prefix.io import load_prefix
 
 SMILE = "😃"
 

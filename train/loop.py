@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, build_split, builtin_records, collate, read_jsonl
-from prefix import PrefixEncoder, PrefixLM, is_trainable, prefix_shape, text_key_values
-from prefix.base import load_base
-from prefix.io import atomic_path, save_prefix
+from prefixtune.data import DataError, build_split, builtin_records, collate, read_jsonl
+from prefixtune.prefix import PrefixEncoder, PrefixLM, is_trainable, prefix_shape, text_key_values
+from prefixtune.prefix.base import load_base
+from prefixtune.prefix.io import atomic_path, save_prefix
 
 from .args import TrainArgs, parse_args
 from .ds_config import build_ds_config, offloads, precision

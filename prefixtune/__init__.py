@@ -1,0 +1,13 @@
+"""prefixtune: prefix tuning for frozen causal LMs, with prefixes that deploy.
+
+The code lives in the repository's top-level folders, installed under this one name so that no folder of a
+user's working directory (most ML folders have a `data/`) can shadow it:
+
+    prefixtune.prefix   <- prefix/   encoder, attention hook, model wrapper, file format, generation, REPL
+    prefixtune.train    <- train/    arguments, DeepSpeed config, training loop, resume state, demo
+    prefixtune.data     <- data/     JSONL records, smileface, the built-in data
+    prefixtune.convert  <- convert/  FasterTransformer export and verification, Triton, PEFT/rinna interchange
+
+`train` is also installed under its own name, only so that `deepspeed --module train` (the launcher's spelling of
+`python -m train`) keeps working; `python -m prefixtune.train` is the same program.
+"""
