@@ -93,13 +93,13 @@ def main() -> int:
         hwm = ("import re, runpy, sys\n"
                "mod, sys.argv = (sys.argv[1], sys.argv[1:]) if len(sys.argv) > 1 else (None, sys.argv)\n"
                "try:\n    runpy.run_module(mod, run_name='__main__', alter_sys=True) if mod "
-               "else __import__('convert.ft_export')\nexcept SystemExit as e:\n    code = e.code\n"
+               "else __import__('prefixtune.convert.ft_export')\nexcept SystemExit as e:\n    code = e.code\n"
                "print('VmHWM', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1), "
                "file=sys.stderr)\n")
         base = subprocess.run([sys.executable, "-c", hwm], cwd=ROOT, capture_output=True, text=True, check=True)
         baseline_mib = int(base.stderr.split("VmHWM")[-1].split()[0]) / 1024
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-c", hwm, "convert", "ft", "--model", str(work / "model"), "--prefix",
+        proc = subprocess.run([sys.executable, "-c", hwm, "prefixtune.convert", "ft", "--model", str(work / "model"), "--prefix",
                                str(work / "task.safetensors"), "--out", str(work / "ft"), "--tp", str(a.tp),
                                "--dtype", a.dtype], cwd=ROOT, capture_output=True, text=True)
         t_convert = time.time() - t0

@@ -5,25 +5,24 @@ target and renamed into place, so a failure leaves OUT as it was.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from prefixtune.prefix.io import atomic_write_text, load_prefix
+from prefixtune.prefix.io import load_prefix
 
 from . import ft_layout as L
+from .export_dir import (Export, ExportError, check_files, prefix_problems, read_export, writable_problem,
+                         write_index)
+from .ft_layout import FTDims
 from .hf_stream import iter_tensors
 
-PLACEHOLDER = "_removed_{}"  # a removed task's slot: FT reads ids 0..num_tasks-1, so slots never move
+__all__ = ["ExportError", "Export", "read_export", "read_prefixes", "export", "list_tasks", "add_tasks",
+           "remove_tasks"]
 
-
-class ExportError(ValueError):
-    """Bad input to an export; the message lists every problem."""
-
-
+PLACEHOLDER = L.PLACEHOLDER_PREFIX + "{}"  # a removed task's slot: FT reads ids 0..num_tasks-1, so slots never move
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -32,8 +31,9 @@ def _write(path: Path, t: torch.Tensor, dtype: str) -> None:
     t.detach().to(TORCH_DTYPES[dtype]).contiguous().numpy().tofile(path)
 
 
-def read_prefixes(paths, d: dict) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
-    """Load prefixes and check them against the FT dims; (tasks, problems)."""
+def read_prefixes(paths, d: FTDims, base: str | None = None, base_label: str = "--model",
+                  allow_other_base: bool = False) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """Load prefixes and check them against the FT dims and the base model; (tasks, problems)."""
     tasks, problems, seen = [], [], set()
     for path in paths:
         try:
@@ -41,35 +41,53 @@ def read_prefixes(paths, d: dict) -> tuple[list[tuple[str, torch.Tensor]], list[
         except (ValueError, FileNotFoundError) as e:
             problems.append(str(e))
             continue
-        name = meta.get("task") or Path(path).stem
-        if not L.TASK_NAME.match(name) or name.startswith("_removed_"):
-            problems.append(f"{path}: task name {name!r} must be 1-64 letters, digits, '_' or '-' (it becomes part "
-                            "of file names and config.ini); retrain with another --task or rename with "
-                            "`python -m prefixtune.convert rename`")
+        name = meta["task"] if "task" in meta else Path(path).stem  # an empty header field is refused, not replaced
+        bad_name = L.task_name_problem(name)
+        if bad_name:
+            where = "header field task" if "task" in meta else "task from the file name (the header has none)"
+            problems.append(f"{path}: {where}: {bad_name}; {L.RENAME_HINT}")
         elif name in seen:
-            problems.append(f"{path}: task name {name!r} given twice")
+            problems.append(f"{path}: task name {name!r} given twice; pass each task once, or rename one with "
+                            "`python -m prefixtune.convert retask`")
         seen.add(name)
-        want = {"num_layers": d["layers"], "num_kv_heads": d["heads"], "head_dim": d["head_dim"]}
-        bad = [f"{k}: prefix has {getattr(shape, k)}, model has {v}" for k, v in want.items() if getattr(shape, k) != v]
-        if bad:
-            problems.append(f"{path} was trained on another model shape ({meta.get('base_model')}): " + "; ".join(bad))
+        problems += prefix_problems(path, shape, meta, d, base=base, base_label=base_label,
+                                    allow_other_base=allow_other_base)
         tasks.append((name, table))
     return tasks, problems
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
     old = target.with_name(f".{target.name}.old{os.getpid()}")
+    moved = False
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+        moved = True
+    try:
+        tmp.rename(target)
+    except OSError:
+        if moved:
+            old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _missing_dirs(folder: Path) -> list[Path]:
+    """The folders `mkdir(parents=True)` would create, outermost first."""
+    made = []
+    while not folder.exists() and folder.parent != folder:
+        made.append(folder)
+        folder = folder.parent
+    return made[::-1]
+
+
 def export(model_dir, prefixes, out, tp: int = 1, dtype: str = "fp16", force: bool = False,
-           model_name: str | None = None, progress: bool = True) -> Path:
+           model_name: str | None = None, progress: bool = True, allow_other_base: bool = False) -> Path:
     from transformers import AutoConfig
 
     model_dir, out = Path(model_dir), Path(out)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:  # before anything, so no folder is made
+        raise ExportError(f"cannot export: --tp {tp}: expected a tensor-parallel size >= 1 (GPUs per model "
+                          "instance); pass --tp 1 for one GPU")
     problems = []
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -77,43 +95,61 @@ def export(model_dir, prefixes, out, tp: int = 1, dtype: str = "fp16", force: bo
         raise ExportError(f"--model {model_dir}: cannot read a Hugging Face config ({e})") from None
     problems += L.check_servable(config, tp)
     if problems and getattr(config, "model_type", None) != "gpt_neox":
-        raise ExportError("\n".join(problems))
-    d = L.ft_dims(config)
-    tasks, prefix_problems = read_prefixes(prefixes, d)
-    problems += prefix_problems
+        raise ExportError.of("cannot export", problems)
+    d = FTDims.from_config(config)
+    tasks, prefix_problems_ = read_prefixes(prefixes, d, base=str(model_dir), allow_other_base=allow_other_base)
+    problems += prefix_problems_
     if dtype not in L.NP_DTYPES:
         problems.append(f"--dtype {dtype}: expected one of {', '.join(L.NP_DTYPES)}")
     target = out / f"{tp}-gpu"
-    if target.exists() and not force:
-        problems.append(f"{target} exists: pass --force to overwrite it, or add tasks with `python -m prefixtune.convert add`")
+    if target.exists() and not target.is_dir():
+        problems.append(f"{target} is a file, not an export folder: pass another --out")
+    elif target.exists() and not force:
+        problems.append(f"{target} exists: pass --force to overwrite it, or add tasks with "
+                        "`python -m prefixtune.convert add`")
+    elif target.exists() and not (target / "config.ini").is_file() and any(target.iterdir()):
+        problems.append(f"{target} is not an export (no config.ini): refusing to replace it even with --force; "
+                        "pass another --out")
+    where = writable_problem(out, "--out")
+    if where:
+        problems.append(where)
     if problems:
-        raise ExportError("cannot export:\n  " + "\n  ".join(problems))
+        raise ExportError.of("cannot export", problems)
 
-    out.mkdir(parents=True, exist_ok=True)
+    made = _missing_dirs(out)
     tmp = out / f".{tp}-gpu.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         _write_base(model_dir, tmp, d, tp, dtype, progress)
         for name, table in tasks:
             for fname, t in L.prefix_files(name, table, d, tp).items():
                 _write(tmp / fname, t, dtype)
         extra = {"tensor_para_size": tp, "source_model": str(model_dir.resolve()), "writer": "prefixtune"}
-        start, end = (config.bos_token_id or 0), (config.eos_token_id or 0)
-        _write_index(tmp, d, [(n, t.shape[0]) for n, t in tasks], dtype, start, end, model_name or model_dir.name,
-                     extra)
-        from .ft_verify import check_files
-
-        problems = check_files(tmp)  # FT would only warn about these and serve garbage
+        ex = Export(path=tmp, dims=d, tp=tp, dtype=dtype, tasks=tuple((n, t.shape[0]) for n, t in tasks),
+                    start_id=config.bos_token_id or 0, end_id=config.eos_token_id or 0,
+                    model_name=model_name or model_dir.name, extra=extra)
+        write_index(ex)
+        problems = check_files(ex)  # FT would only warn about these and serve garbage
         if problems:
-            raise ExportError("the export failed its own file check:\n  " + "\n  ".join(problems))
+            raise ExportError.of("the export failed its own file check", problems)
         _replace_dir(tmp, target)
+    except OSError as e:
+        raise ExportError(f"cannot export: writing under --out {out} failed ({e}); nothing was changed, pass an "
+                          "--out you can write to") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not target.exists():
+            for folder in reversed(made):  # folders made for a failed export
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return target
 
 
-def _write_base(model_dir: Path, dst: Path, d: dict, tp: int, dtype: str, progress: bool) -> None:
+def _write_base(model_dir: Path, dst: Path, d: FTDims, tp: int, dtype: str, progress: bool) -> None:
     from tqdm import tqdm
 
     wanted = set(L.expected_sizes(d, tp, {}))
@@ -139,73 +175,79 @@ def _write_base(model_dir: Path, dst: Path, d: dict, tp: int, dtype: str, progre
                           f"{', '.join(missing[:3])}; is it a complete GPTNeoXForCausalLM checkpoint?")
 
 
-def _write_index(dst: Path, d: dict, tasks: list[tuple[str, int]], dtype: str, start: int, end: int,
-                 model_name: str, extra: dict) -> None:
-    atomic_write_text(dst / "config.ini", L.config_ini(d, model_name=model_name, start_id=start, end_id=end,
-                                                       dtype=dtype, tasks=tasks, extra=extra))
-    live = {n: i for i, (n, _) in enumerate(tasks) if not n.startswith("_removed_")}
-    atomic_write_text(dst / "tasks.json", json.dumps(live, indent=2) + "\n")
-
-
-def read_export(export_dir) -> tuple[dict, dict, list[tuple[str, int]], dict]:
-    export_dir = Path(export_dir)
-    ini = export_dir / "config.ini"
-    if not ini.is_file():
-        raise ExportError(f"{export_dir}: no config.ini; expected an export folder such as OUT/2-gpu")
-    return L.read_config_ini(ini.read_text(encoding="utf-8"))
-
-
 def list_tasks(export_dir) -> list[tuple[int, str, int]]:
-    _, _, tasks, _ = read_export(export_dir)
-    return [(i, n, p) for i, (n, p) in enumerate(tasks) if not n.startswith("_removed_")]
+    ex = read_export(export_dir)
+    return [(i, n, p) for i, (n, p) in enumerate(ex.tasks) if not L.is_placeholder(n)]
 
 
-def add_tasks(export_dir, prefixes, replace: bool = False) -> list[tuple[int, str]]:
+def add_tasks(export_dir, prefixes, replace: bool = False, allow_other_base: bool = False) -> list[tuple[int, str]]:
     """Add prefixes to an export (or replace same-named ones with `replace`); the base weights are untouched and
     every other task keeps its id. Returns (id, name) of the written tasks."""
-    export_dir = Path(export_dir)
-    d, g, tasks, extra = read_export(export_dir)
-    tp, dtype = int(extra.get("tensor_para_size", export_dir.name.split("-")[0])), g["weight_data_type"]
-    new, problems = read_prefixes(prefixes, d)
-    names = [n for n, _ in tasks]
+    ex = read_export(export_dir)
+    export_dir = ex.path
+    base = ex.source_model or ex.model_name
+    new, problems = read_prefixes(prefixes, ex.dims, base=base, base_label="the export's source model",
+                                  allow_other_base=allow_other_base)
+    live = ex.live
     for name, _ in new:
-        if name in names and not replace:
-            problems.append(f"task {name!r} is already in {export_dir} (id {names.index(name)}): pass --replace "
+        if name in live and not replace:
+            problems.append(f"task {name!r} is already in {export_dir} (id {live[name]}): pass --replace "
                             "to overwrite it")
+    where = writable_problem(export_dir, "export folder")
+    if where:
+        problems.append(where)
     if problems:
-        raise ExportError("cannot add:\n  " + "\n  ".join(problems))
-    done = []
-    for name, table in new:
-        for fname, t in L.prefix_files(name, table, d, tp).items():
-            tmp = export_dir / f".{fname}.tmp{os.getpid()}"
-            _write(tmp, t, dtype)
-            os.replace(tmp, export_dir / fname)
-        if name in names:
-            i = names.index(name)
-            tasks[i] = (name, table.shape[0])
-        else:
-            tasks.append((name, table.shape[0]))
-            names.append(name)
-            i = len(tasks) - 1
-        done.append((i, name))
-    _write_index(export_dir, d, tasks, dtype, int(g["start_id"]), int(g["end_id"]), g["model_name"], extra)
+        raise ExportError.of("cannot add", problems)
+    tasks = list(ex.tasks)
+    names = [n for n, _ in tasks]
+    done, staged = [], []
+    try:
+        for name, table in new:  # every file first under a temporary name, then all renamed into place
+            for fname, t in L.prefix_files(name, table, ex.dims, ex.tp).items():
+                tmp = export_dir / f".{fname}.tmp{os.getpid()}"
+                staged.append((tmp, export_dir / fname))
+                _write(tmp, t, ex.dtype)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        for name, table in new:
+            if name in names:
+                i = names.index(name)
+                tasks[i] = (name, table.shape[0])
+            else:
+                tasks.append((name, table.shape[0]))
+                names.append(name)
+                i = len(tasks) - 1
+            done.append((i, name))
+        write_index(ex.with_tasks(tasks))
+    except OSError as e:
+        raise ExportError(f"cannot add: writing into {export_dir} failed ({e}); pass an export you can write to") \
+            from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     return done
 
 
 def remove_tasks(export_dir, names: list[str]) -> None:
     """Remove tasks; their ids become placeholders of length 0 (FT skips them), so no other id moves."""
-    export_dir = Path(export_dir)
-    d, g, tasks, extra = read_export(export_dir)
-    live = {n: i for i, (n, _) in enumerate(tasks)}
-    unknown = [n for n in names if n not in live or n.startswith("_removed_")]
+    ex = read_export(export_dir)
+    export_dir = ex.path
+    live = ex.live
+    unknown = [n for n in names if n not in live]
     if unknown:
         raise ExportError(f"cannot remove {', '.join(map(repr, unknown))}: not a task of {export_dir} "
-                          f"(tasks: {', '.join(n for _, n, _ in list_tasks(export_dir)) or 'none'})")
-    tp = int(extra.get("tensor_para_size", export_dir.name.split("-")[0]))
+                          f"(tasks: {', '.join(live) or 'none'}); see `python -m prefixtune.convert tasks "
+                          f"{export_dir}`")
+    where = writable_problem(export_dir, "export folder")
+    if where:
+        raise ExportError(f"cannot remove: {where}")
+    tasks = list(ex.tasks)
     for name in names:
         tasks[live[name]] = (PLACEHOLDER.format(live[name]), 0)
-    _write_index(export_dir, d, tasks, g["weight_data_type"], int(g["start_id"]), int(g["end_id"]), g["model_name"],
-                 extra)
-    for name in names:
-        for r in range(tp):
-            (export_dir / f"model.prefix_prompt.{name}.weight.{r}.bin").unlink(missing_ok=True)
+    try:
+        write_index(ex.with_tasks(tasks))
+        for name in names:
+            for r in range(ex.tp):
+                (export_dir / f"model.prefix_prompt.{name}.weight.{r}.bin").unlink(missing_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot remove: writing into {export_dir} failed ({e})") from None

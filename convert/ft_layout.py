@@ -26,25 +26,83 @@ from __future__ import annotations
 import configparser
 import io
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+
+from prefixtune.prefix.shapes import PrefixShape
 
 FT_ROTARY_BASE = 10000.0  # FT's GPT-NeoX kernels hard-code these
 FT_LAYERNORM_EPS = 1e-5
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESERVED_TASKS = ("base",)  # "no prefix" in the REPL (prefix_inference) and the Triton client
+PLACEHOLDER_PREFIX = "_removed_"  # a removed task's slot in config.ini: "_removed_<id>", prompt length 0
+RENAME_HINT = ("retrain with --task NEW, or rename the file's task with `python -m prefixtune.convert retask "
+               "--prefix FILE --task NEW`")
 
 _LAYER = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 
 
-def ft_dims(config) -> dict:
-    """The FT view of a GPT-NeoX config, after `check_servable`."""
-    heads = config.num_attention_heads
-    head = config.hidden_size // heads
-    return {"hidden": config.hidden_size, "heads": heads, "head_dim": head, "layers": config.num_hidden_layers,
-            "inter": config.intermediate_size, "vocab": config.vocab_size, "rotary_dim": rotary_dim(config),
-            "parallel_residual": bool(config.use_parallel_residual)}
+def task_name_problem(name) -> str | None:
+    """Why `name` cannot be a task of an export (it becomes part of file names and config.ini); None when fine."""
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        return (f"task name {name!r} must be 1-64 letters, digits, '_' or '-' (it becomes part of file names and "
+                f"config.ini)")
+    if name.lower() in RESERVED_TASKS:
+        return f"task name {name!r} is reserved: it means \"no prefix\" in prefix_inference and the Triton client"
+    if name.startswith(PLACEHOLDER_PREFIX):
+        return f"task name {name!r} is reserved: names starting with {PLACEHOLDER_PREFIX!r} mark removed tasks"
+    return None
+
+
+def is_placeholder(name: str) -> bool:
+    return name.startswith(PLACEHOLDER_PREFIX)
+
+
+@dataclass(frozen=True)
+class FTDims:
+    """The model dimensions FT reads from config.ini: the one description used by export, verify and the layout."""
+
+    layers: int  # L
+    heads: int  # H (FT's GPT-NeoX has as many key/value heads as query heads)
+    head_dim: int  # D
+    inter: int  # I
+    vocab: int  # V
+    rotary_dim: int
+    parallel_residual: bool
+
+    @property
+    def hidden(self) -> int:  # E
+        return self.heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config) -> "FTDims":
+        """The FT view of a GPT-NeoX config, after `check_servable`."""
+        heads = config.num_attention_heads
+        return cls(layers=config.num_hidden_layers, heads=heads, head_dim=config.hidden_size // heads,
+                   inter=config.intermediate_size, vocab=config.vocab_size, rotary_dim=rotary_dim(config),
+                   parallel_residual=bool(config.use_parallel_residual))
+
+    def prefix_shape(self, prefix_len: int) -> PrefixShape:
+        """The shape a prefix of this model has (FT's GPT-NeoX: key/value heads = heads)."""
+        return PrefixShape(num_layers=self.layers, num_kv_heads=self.heads, head_dim=self.head_dim,
+                           prefix_len=prefix_len)
+
+    def prefix_mismatches(self, shape: PrefixShape) -> list[str]:
+        """Every dimension where a prefix of `shape` does not fit this model, e.g. 'num_layers: prefix has 4, model
+        has 2'; empty when it fits (any prefix length fits)."""
+        want = self.prefix_shape(shape.prefix_len)
+        return [f"{k}: prefix has {getattr(shape, k)}, model has {getattr(want, k)}"
+                for k in ("num_layers", "num_kv_heads", "head_dim") if getattr(shape, k) != getattr(want, k)]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hidden": self.hidden}
+
+
+def ft_dims(config) -> FTDims:
+    return FTDims.from_config(config)
 
 
 def rope(config) -> dict:
@@ -64,6 +122,8 @@ def check_servable(config, tp: int) -> list[str]:
     if getattr(config, "model_type", None) != "gpt_neox":
         return [f"model_type is {getattr(config, 'model_type', None)!r}: only GPT-NeoX models export to FT's "
                 "gptneox backend"]
+    if not isinstance(tp, int) or tp < 1:
+        return [f"--tp {tp}: expected a tensor-parallel size >= 1 (GPUs per model instance); pass --tp 1 for one GPU"]
     problems = []
     heads = config.num_attention_heads
     if heads % tp:
@@ -86,7 +146,7 @@ def check_servable(config, tp: int) -> list[str]:
     return problems
 
 
-def base_files(name: str, t: torch.Tensor, d: dict, tp: int) -> dict[str, torch.Tensor] | None:
+def base_files(name: str, t: torch.Tensor, d: FTDims, tp: int) -> dict[str, torch.Tensor] | None:
     """One HF tensor -> {FT file name: array} for all ranks; None for tensors FT does not load.
 
     The residual biases are returned under provisional names; `residual_bias_files` finishes them.
@@ -102,7 +162,7 @@ def base_files(name: str, t: torch.Tensor, d: dict, tp: int) -> dict[str, torch.
         return None
     layer, key = m.groups()
     pre = f"model.layers.{layer}."
-    H, D, E = d["heads"], d["head_dim"], d["hidden"]
+    H, D, E = d.heads, d.head_dim, d.hidden
     if key.startswith(("input_layernorm.", "post_attention_layernorm.")):
         return {f"{pre}{key}.bin": t}
     if key == "attention.query_key_value.weight":  # HF [H*3*D, E] (out, in)
@@ -124,23 +184,23 @@ def base_files(name: str, t: torch.Tensor, d: dict, tp: int) -> dict[str, torch.
     return None  # rotary inv_freq, masked_bias and other buffers
 
 
-def residual_bias_files(layer: int, attn_bias: torch.Tensor, mlp_bias: torch.Tensor, d: dict, tp: int) -> dict:
+def residual_bias_files(layer: int, attn_bias: torch.Tensor, mlp_bias: torch.Tensor, d: FTDims, tp: int) -> dict:
     pre = f"model.layers.{layer}."
-    if d["parallel_residual"]:
+    if d.parallel_residual:
         return {f"{pre}mlp.attention.bias.sum.bin": (attn_bias.double() + mlp_bias.double()) / tp}
     return {f"{pre}attention.dense.bias.bin": attn_bias, f"{pre}mlp.dense_4h_to_h.bias.bin": mlp_bias}
 
 
-def prefix_files(task: str, table: torch.Tensor, d: dict, tp: int) -> dict[str, torch.Tensor]:
+def prefix_files(task: str, table: torch.Tensor, d: FTDims, tp: int) -> dict[str, torch.Tensor]:
     """A prefix table [P, L*2*H*D] -> per-rank [L, 2, H/tp, P, D] arrays."""
     P = table.shape[0]
-    t = table.reshape(P, d["layers"], 2, d["heads"], d["head_dim"]).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D)
+    t = table.reshape(P, d.layers, 2, d.heads, d.head_dim).permute(1, 2, 3, 0, 4)  # (L, 2, H, P, D)
     return {f"model.prefix_prompt.{task}.weight.{r}.bin": s for r, s in enumerate(t.chunk(tp, dim=2))}
 
 
-def expected_sizes(d: dict, tp: int, tasks: dict[str, int]) -> dict[str, int]:
+def expected_sizes(d: FTDims, tp: int, tasks: dict[str, int]) -> dict[str, int]:
     """Every file FT will read for this config, with its element count (`tasks`: name -> prompt length)."""
-    E, I, V, L = d["hidden"], d["inter"], d["vocab"], d["layers"]
+    E, I, V, L = d.hidden, d.inter, d.vocab, d.layers
     sizes = {"model.wte.bin": V * E, "model.lm_head.weight.bin": V * E, "model.final_layernorm.weight.bin": E,
              "model.final_layernorm.bias.bin": E}
     for n in range(L):
@@ -148,7 +208,7 @@ def expected_sizes(d: dict, tp: int, tasks: dict[str, int]) -> dict[str, int]:
         for k in ("input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
                   "post_attention_layernorm.bias"):
             sizes[f"{pre}{k}.bin"] = E
-        if d["parallel_residual"]:
+        if d.parallel_residual:
             sizes[f"{pre}mlp.attention.bias.sum.bin"] = E
         else:
             sizes[f"{pre}attention.dense.bias.bin"] = E
@@ -166,15 +226,20 @@ def expected_sizes(d: dict, tp: int, tasks: dict[str, int]) -> dict[str, int]:
     return sizes
 
 
-def config_ini(d: dict, *, model_name: str, start_id: int, end_id: int, dtype: str, tasks: list[tuple[str, int]],
-               extra: dict | None = None) -> str:
+def _parser() -> configparser.ConfigParser:
+    # no interpolation: a '%' in a model path or name is a character, not a reference (FT's INI reader agrees)
+    return configparser.ConfigParser(interpolation=None)
+
+
+def config_ini(d: FTDims, *, model_name: str, start_id: int, end_id: int, dtype: str,
+               tasks: list[tuple[str, int]], extra: dict | None = None) -> str:
     """`tasks`: (name, prompt length) in id order; a removed task keeps its slot as a placeholder of length 0."""
-    cfg = configparser.ConfigParser()
+    cfg = _parser()
     cfg["gptneox"] = {
-        "model_name": model_name, "head_num": str(d["heads"]), "size_per_head": str(d["head_dim"]),
-        "inter_size": str(d["inter"]), "num_layer": str(d["layers"]), "rotary_embedding": str(d["rotary_dim"]),
-        "vocab_size": str(d["vocab"]), "start_id": str(start_id), "end_id": str(end_id),
-        "use_gptj_residual": str(int(d["parallel_residual"])), "weight_data_type": dtype,
+        "model_name": model_name, "head_num": str(d.heads), "size_per_head": str(d.head_dim),
+        "inter_size": str(d.inter), "num_layer": str(d.layers), "rotary_embedding": str(d.rotary_dim),
+        "vocab_size": str(d.vocab), "start_id": str(start_id), "end_id": str(end_id),
+        "use_gptj_residual": str(int(d.parallel_residual)), "weight_data_type": dtype,
         "num_tasks": str(len(tasks)), "prompt_learning_type": "2",  # 2 = prefix prompt
     }
     for i, (name, length) in enumerate(tasks):
@@ -186,15 +251,15 @@ def config_ini(d: dict, *, model_name: str, start_id: int, end_id: int, dtype: s
     return buf.getvalue()
 
 
-def read_config_ini(text: str) -> tuple[dict, dict, list[tuple[str, int]], dict]:
-    """-> (dims, [gptneox] section, tasks in id order, [prefixtune] section)."""
-    cfg = configparser.ConfigParser()
+def read_config_ini(text: str) -> tuple[FTDims, dict, list[tuple[str, int]], dict]:
+    """-> (dims, [gptneox] section, tasks in id order, [prefixtune] section). Raises KeyError/ValueError/
+    configparser.Error on a malformed file (`export_dir.read_export` turns them into one message)."""
+    cfg = _parser()
     cfg.read_string(text)
     g = cfg["gptneox"]
-    d = {"hidden": int(g["head_num"]) * int(g["size_per_head"]), "heads": int(g["head_num"]),
-         "head_dim": int(g["size_per_head"]), "layers": int(g["num_layer"]), "inter": int(g["inter_size"]),
-         "vocab": int(g["vocab_size"]), "rotary_dim": int(g["rotary_embedding"]),
-         "parallel_residual": bool(int(g["use_gptj_residual"]))}
+    d = FTDims(layers=int(g["num_layer"]), heads=int(g["head_num"]), head_dim=int(g["size_per_head"]),
+               inter=int(g["inter_size"]), vocab=int(g["vocab_size"]), rotary_dim=int(g["rotary_embedding"]),
+               parallel_residual=bool(int(g["use_gptj_residual"])))
     tasks = [(cfg[f"task_{i}"]["task_name"], int(cfg[f"task_{i}"]["prompt_length"]))
              for i in range(int(g.get("num_tasks", "0")))]
     return d, dict(g), tasks, dict(cfg["prefixtune"]) if cfg.has_section("prefixtune") else {}

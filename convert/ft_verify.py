@@ -18,38 +18,21 @@ import torch.nn.functional as F
 from prefixtune.prefix.io import load_prefix
 
 from . import ft_layout as L
-from .ft_export import read_export
+from .export_dir import check_files, prefix_problems, read_export
+
+__all__ = ["TOLERANCE", "check_files", "FTModel", "hf_logits", "verify"]
 
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-3}  # max |FT - HF| over the logits' max |HF|
-
-
-def check_files(export_dir) -> list[str]:
-    export_dir = Path(export_dir)
-    d, g, tasks, extra = read_export(export_dir)
-    tp = int(extra.get("tensor_para_size", export_dir.name.split("-")[0]))
-    itemsize = np.dtype(L.NP_DTYPES[g["weight_data_type"]]).itemsize
-    expected = L.expected_sizes(d, tp, {n: p for n, p in tasks if p > 0})
-    problems = []
-    for name, n in expected.items():
-        path = export_dir / name
-        if not path.is_file():
-            problems.append(f"missing {name} ({n * itemsize} bytes expected)")
-        elif path.stat().st_size != n * itemsize:
-            problems.append(f"{name} has {path.stat().st_size} bytes, config.ini implies {n * itemsize}")
-    known = set(expected) | {"config.ini", "tasks.json"}
-    problems += [f"extra file {p.name} (FT does not read it)" for p in sorted(export_dir.iterdir())
-                 if p.name not in known and not p.name.startswith(".")]
-    return problems
 
 
 class FTModel:
     """GPT-NeoX computed from FT files, in fp32."""
 
     def __init__(self, export_dir):
-        self.dir = Path(export_dir)
-        self.d, g, self.tasks, extra = read_export(self.dir)
-        self.tp = int(extra.get("tensor_para_size", self.dir.name.split("-")[0]))
-        self.np_dtype = L.NP_DTYPES[g["weight_data_type"]]
+        self.export = read_export(export_dir)
+        self.dir, self.d, self.tp = self.export.path, self.export.dims, self.export.tp
+        self.tasks = list(self.export.tasks)
+        self.np_dtype = L.NP_DTYPES[self.export.dtype]
 
     def load(self, name: str, shape) -> torch.Tensor:
         a = np.fromfile(self.dir / name, dtype=self.np_dtype).astype(np.float32)
@@ -63,18 +46,18 @@ class FTModel:
         d = self.d
         length = dict(self.tasks)[task]
         t = self.ranks(f"model.prefix_prompt.{task}.weight.{{r}}.bin",
-                       (d["layers"], 2, d["heads"] // self.tp, length, d["head_dim"]), dim=2)
+                       (d.layers, 2, d.heads // self.tp, length, d.head_dim), dim=2)
         return t, length
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, task: str | None = None) -> torch.Tensor:
         """(B, T) ids without padding -> (B, T, V) logits."""
         d, tp = self.d, self.tp
-        E, H, D, I, V = d["hidden"], d["heads"], d["head_dim"], d["inter"], d["vocab"]
+        E, H, D, I, V = d.hidden, d.heads, d.head_dim, d.inter, d.vocab
         pre, P = (self.prefix(task) if task else (None, 0))
         B, T = ids.shape
         x = self.load("model.wte.bin", (V, E))[ids]  # (B, T, E)
-        rd = d["rotary_dim"]
+        rd = d.rotary_dim
         inv = 1.0 / (L.FT_ROTARY_BASE ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
         ang = (P + torch.arange(T, dtype=torch.float64))[:, None] * inv[None]  # real tokens at P, P+1, ...
         cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()  # (T, rd)
@@ -89,7 +72,7 @@ class FTModel:
 
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = torch.cat([torch.ones(T, P, dtype=torch.bool), causal], 1)  # (T, P+T)
-        for n in range(d["layers"]):
+        for n in range(d.layers):
             f = f"model.layers.{n}."
             h = ln(x, self.load(f + "input_layernorm.weight.bin", (E,)), self.load(f + "input_layernorm.bias.bin", (E,)))
             w_qkv = self.ranks(f + "attention.query_key_value.weight.{r}.bin", (E, 3, H // tp * D), dim=2)
@@ -109,7 +92,7 @@ class FTModel:
             w2 = self.ranks(f + "mlp.dense_4h_to_h.weight.{r}.bin", (I // tp, E), dim=0)
             ln2 = (self.load(f + "post_attention_layernorm.weight.bin", (E,)),
                    self.load(f + "post_attention_layernorm.bias.bin", (E,)))
-            if d["parallel_residual"]:
+            if d.parallel_residual:
                 mlp = F.gelu(ln(x, *ln2) @ w1 + b1, approximate="tanh") @ w2
                 x = x + attn + mlp + tp * self.load(f + "mlp.attention.bias.sum.bin", (E,))  # each rank adds it
             else:
@@ -131,37 +114,44 @@ def hf_logits(model, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Ten
 
 
 def verify(export_dir, model_dir, prefixes, seed: int = 0, batch: int = 2, length: int = 12,
-           out=print) -> bool:
-    """Print per-task max |FT - HF| and return True when files and logits are all right."""
+           out=print, allow_other_base: bool = False) -> bool:
+    """Print per-task max |FT - HF| and return True when files and logits are all right.
+
+    Every prefix is also checked like the exporter checks it: a GPT-NeoX prefix (header architecture) trained on
+    `model_dir` (header base_model, unless `allow_other_base`) with the model's shape.
+    """
     from transformers import AutoModelForCausalLM
 
-    export_dir = Path(export_dir)
+    ft = FTModel(export_dir)
+    ex = ft.export
     ok = True
-    problems = check_files(export_dir)
+    problems = check_files(ex)
     for p in problems:
         out(f"FILE  {p}")
     ok &= not problems
-    ft = FTModel(export_dir)
-    _, g, _, _ = read_export(export_dir)
-    tol = TOLERANCE[g["weight_data_type"]]
-    tables = {}
+    tol = TOLERANCE[ex.dtype]
+    tables, refused = {}, False
     for path in prefixes:
-        table, _, meta = load_prefix(path)
-        tables[meta.get("task") or Path(path).stem] = table
-    live = [n for n, p in ft.tasks if p > 0]
+        table, shape, meta = load_prefix(path)
+        bad = prefix_problems(path, shape, meta, ex.dims, base=str(model_dir), allow_other_base=allow_other_base)
+        for p in bad:
+            out(f"FAIL  {p}")
+        refused |= bool(bad)
+        tables[meta["task"] if "task" in meta else Path(path).stem] = table
+    live = [n for n, p in ft.tasks if p > 0 and not L.is_placeholder(n)]
     missing = [n for n in live if n not in tables]
     if missing:
         out(f"FAIL  no --prefix given for task(s) {', '.join(missing)}: every task is checked against its source")
         ok = False
     unknown = [n for n in tables if n not in live]
     if unknown:
-        out(f"FAIL  --prefix task(s) {', '.join(unknown)} are not in {export_dir}")
+        out(f"FAIL  --prefix task(s) {', '.join(unknown)} are not in {ex.path}")
         ok = False
-    if problems:
+    if problems or refused:
         return False
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, ft.d["vocab"], (batch, length), generator=gen)
+    ids = torch.randint(0, ex.dims.vocab, (batch, length), generator=gen)
     for task in [None] + [n for n in live if n in tables]:
         ref = hf_logits(model, ids, tables.get(task))
         got = ft.logits(ids, task)

@@ -1,25 +1,55 @@
-"""Move prefixes between prefixtune, PEFT prefix tuning and rinna's prefix-tuning-gpt.
+"""Move prefixes between prefixtune, PEFT prefix tuning and rinna's prefix-tuning-gpt; rename a prefix's task.
 
 All three store the same table, `[P, L*2*H_kv*D]` in (position, layer, key/value, head, head_dim) order, so
 conversion is metadata: PEFT keeps it as `prompt_embeddings` in `adapter_model.safetensors` with an
 `adapter_config.json` (`prefix_projection: false`); rinna's `.checkpoint` is that tensor saved by `torch.save`.
+
+No command replaces an existing --out without `overwrite`, and every file is written to a temporary name beside
+it and renamed into place.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from prefixtune.prefix import prefix_shape
 from prefixtune.prefix.io import atomic_path, atomic_write_text, check_compatible, load_prefix, save_prefix
 
+from .ft_layout import task_name_problem
 
-def to_peft(prefix_path, out_dir) -> Path:
-    table, shape, meta = load_prefix(prefix_path)
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def _check_out_file(out: Path, overwrite: bool) -> None:
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder, expected a .safetensors file path; pass a file name")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: pass --overwrite to replace it, or another --out")
+
+
+def _check_task(task, where: str) -> None:
+    problem = task_name_problem(task)
+    if problem:
+        raise ValueError(f"{where}: {problem}; pass another --task")
+
+
+def to_peft(prefix_path, out_dir, overwrite: bool = False) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, expected a folder for the adapter; pass another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty: pass --overwrite to replace its adapter files, or "
+                         "another --out")
+    table, shape, meta = load_prefix(prefix_path)
+    if shape.prefix_len < 1:
+        raise ValueError(f"{prefix_path}: header field prefix_len is 0, expected >= 1; pass a trained prefix")
     config = {
         "peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "inference_mode": True,
         "num_virtual_tokens": shape.prefix_len, "num_layers": shape.num_layers,
@@ -28,10 +58,27 @@ def to_peft(prefix_path, out_dir) -> Path:
         "num_transformer_submodules": 1, "prefix_projection": False, "encoder_hidden_size": shape.head_dim,
         "base_model_name_or_path": meta.get("base_model"), "revision": None, "modules_to_save": None,
     }
-    with atomic_path(out / "adapter_model.safetensors") as tmp:
+    if not out.exists():  # a new folder appears whole: built beside it, then renamed
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            save_file({"prompt_embeddings": table.contiguous()}, str(tmp / PEFT_FILES[0]), metadata={"format": "pt"})
+            (tmp / PEFT_FILES[1]).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            os.chmod(tmp, 0o777 & ~_umask())
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    with atomic_path(out / PEFT_FILES[0]) as tmp:
         save_file({"prompt_embeddings": table.contiguous()}, str(tmp), metadata={"format": "pt"})
-    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / PEFT_FILES[1], json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _base_config(model):
@@ -44,9 +91,12 @@ def _base_config(model):
 
 
 def _import(table: torch.Tensor, source: str, model, out, task: str, how: str) -> Path:
-    config = _base_config(model)
     if table.dim() != 2:
         raise ValueError(f"{source}: expected a 2-D prefix table [P, L*2*H_kv*D], got shape {tuple(table.shape)}")
+    if table.shape[0] < 1:
+        raise ValueError(f"{source}: expected a prefix of length P >= 1, got an empty table of shape "
+                         f"{tuple(table.shape)}; pass the checkpoint of a trained prefix")
+    config = _base_config(model)
     shape = prefix_shape(config, table.shape[0])
     if table.shape[1] != shape.width:
         raise ValueError(f"{source}: table width {table.shape[1]} does not fit {model} (L*2*H_kv*D = "
@@ -58,8 +108,11 @@ def _import(table: torch.Tensor, source: str, model, out, task: str, how: str) -
     return Path(out)
 
 
-def from_peft(adapter_dir, model, out, task: str | None = None) -> Path:
-    adapter_dir = Path(adapter_dir)
+def from_peft(adapter_dir, model, out, task: str | None = None, overwrite: bool = False) -> Path:
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    _check_out_file(out, overwrite)
+    _check_task(task or adapter_dir.resolve().name, "--task" if task else "task from the adapter folder's name")
+    task = task or adapter_dir.resolve().name
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json; pass a PEFT adapter folder")
@@ -73,11 +126,14 @@ def from_peft(adapter_dir, model, out, task: str | None = None) -> Path:
     tensors = load_file(str(weights))
     if "prompt_embeddings" not in tensors:
         raise ValueError(f"{weights}: no tensor 'prompt_embeddings' (found {sorted(tensors)})")
-    return _import(tensors["prompt_embeddings"], str(weights), model, out, task or adapter_dir.name, "peft")
+    return _import(tensors["prompt_embeddings"], str(weights), model, out, task, "peft")
 
 
-def from_rinna(checkpoint, model, out, task: str) -> Path:
+def from_rinna(checkpoint, model, out, task: str, overwrite: bool = False) -> Path:
     """rinna's `.checkpoint` is a bare tensor saved with torch.save; it is read with weights_only=True."""
+    out = Path(out)
+    _check_out_file(out, overwrite)
+    _check_task(task, "--task")
     try:
         table = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported as a bad file
@@ -90,3 +146,21 @@ def from_rinna(checkpoint, model, out, task: str) -> Path:
     if not torch.is_tensor(table):
         raise ValueError(f"{checkpoint}: expected a tensor, got {type(table).__name__}")
     return _import(table, str(checkpoint), model, out, task, "rinna prefix-tuning-gpt")
+
+
+def retask(prefix_path, task: str, out=None, overwrite: bool = False) -> Path:
+    """Rewrite a prefix file's header field `task` (everything else byte for byte the same tensors and fields);
+    in place when `out` is None, atomically either way."""
+    src = Path(prefix_path)
+    load_prefix(src)  # a readable prefix file
+    _check_task(task, "--task")
+    dst = Path(out) if out is not None else src
+    if dst.resolve() != src.resolve():
+        _check_out_file(dst, overwrite)
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["task"] = task
+    with atomic_path(dst) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return dst

@@ -36,10 +36,13 @@ def make_neox(out: Path, parallel: bool, rotary_pct: float, **overrides) -> Path
     return out
 
 
-def make_prefix(path: Path, config, length: int, task: str, seed: int) -> Path:
+def make_prefix(path: Path, config, length: int, task: str, seed: int, base_model="tiny",
+                architecture: str | None = None) -> Path:
+    """A random prefix for `config`; its header names `base_model` and the config's architecture (or `architecture`)."""
     shape = prefix_shape(config, length)
     torch.manual_seed(seed)
-    save_prefix(path, torch.randn(length, shape.width), shape, task=task, base_model="tiny", architecture="gpt_neox")
+    save_prefix(path, torch.randn(length, shape.width), shape, task=task, base_model=str(base_model),
+                architecture=architecture or config.model_type)
     return path
 
 
@@ -50,8 +53,8 @@ def neox(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("neox")
     model = make_neox(d / "model", request.param, 0.5 if request.param else 0.25)
     cfg = AutoConfig.from_pretrained(model)
-    return model, [make_prefix(d / "alpha.safetensors", cfg, 3, "alpha", 1),
-                   make_prefix(d / "beta.safetensors", cfg, 6, "beta", 2)]
+    return model, [make_prefix(d / "alpha.safetensors", cfg, 3, "alpha", 1, model),
+                   make_prefix(d / "beta.safetensors", cfg, 6, "beta", 2, model)]
 
 
 def snapshot(folder: Path) -> dict:
@@ -165,12 +168,12 @@ def test_add_replace_remove_tasks_keep_ids_and_bytes(neox, tmp_path):
     cfg = AutoConfig.from_pretrained(model)
     target = export(model, [alpha], tmp_path / "out", 2, "fp16", progress=False)
     base = {k: v for k, v in snapshot(target).items() if "prefix_prompt" not in k and not k.endswith((".ini", ".json"))}
-    gamma = make_prefix(tmp_path / "gamma.safetensors", cfg, 4, "gamma", 3)
+    gamma = make_prefix(tmp_path / "gamma.safetensors", cfg, 4, "gamma", 3, model)
     assert add_tasks(target, [beta, gamma]) == [(1, "beta"), (2, "gamma")]
     alpha_bytes = (target / "model.prefix_prompt.alpha.weight.0.bin").read_bytes()
     with pytest.raises(ExportError, match="already in"):
         add_tasks(target, [beta])
-    beta2 = make_prefix(tmp_path / "b2" / "beta.safetensors", cfg, 5, "beta", 9)
+    beta2 = make_prefix(tmp_path / "b2" / "beta.safetensors", cfg, 5, "beta", 9, model)
     assert add_tasks(target, [beta2], replace=True) == [(1, "beta")]
     remove_tasks(target, ["alpha"])
     assert list_tasks(target) == [(1, "beta", 5), (2, "gamma", 4)]
@@ -193,8 +196,9 @@ def test_bad_inputs_leave_out_as_it_was(neox, tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     export(model, prefixes, out, 1, "fp32", progress=False)
     before = snapshot(out)
-    llama_prefix = make_prefix(tmp_path / "llama.safetensors", AutoConfig.from_pretrained(tiny_llama_dir), 3, "l", 0)
-    bad_name = make_prefix(tmp_path / "bad.safetensors", AutoConfig.from_pretrained(model), 3, "../evil", 0)
+    llama_prefix = make_prefix(tmp_path / "llama.safetensors", AutoConfig.from_pretrained(tiny_llama_dir), 3, "l", 0,
+                               model)
+    bad_name = make_prefix(tmp_path / "bad.safetensors", AutoConfig.from_pretrained(model), 3, "../evil", 0, model)
     cases = [
         (dict(prefixes=prefixes, tp=1), "exists: pass --force"),
         (dict(prefixes=[llama_prefix], tp=2), "trained on another model shape"),
@@ -220,8 +224,8 @@ def test_bad_inputs_leave_out_as_it_was(neox, tiny_llama_dir, tmp_path):
     sd = load_file(str(broken / "model.safetensors"))
     del sd["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"]
     save_file(sd, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ExportError, match="lacks tensors"):
-        export(broken, prefixes, out, 2, "fp32", progress=False)
+    with pytest.raises(ExportError, match="lacks tensors"):  # (the prefixes name the intact model folder)
+        export(broken, prefixes, out, 2, "fp32", progress=False, allow_other_base=True)
     assert snapshot(out) == before
 
 
@@ -241,7 +245,7 @@ def test_sharded_bin_checkpoint_gives_the_same_files(neox, tmp_path):
     (binned / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
     a = export(model, prefixes, tmp_path / "a", 2, "fp16", progress=False)
-    b = export(binned, prefixes, tmp_path / "b", 2, "fp16", progress=False)
+    b = export(binned, prefixes, tmp_path / "b", 2, "fp16", progress=False, allow_other_base=True)  # same weights
     sa, sb = snapshot(a), snapshot(b)
     assert {k: v for k, v in sa.items() if k != "config.ini"} == {k: v for k, v in sb.items() if k != "config.ini"}
 
@@ -264,10 +268,10 @@ def test_cli_and_triton_repository(neox, tmp_path):
               'key: "model_checkpoint_path"', str((out / "2-gpu").resolve()), 'name: "prompt_learning_task_name_ids"',
               "dynamic_batching"):
         assert s in pbtxt
-    from prefixtune.convert.triton import task_id
+    from prefixtune.convert.triton import TaskError, task_id
 
     assert task_id(tmp_path / "repo" / "fastertransformer" / "tasks.json", "beta") == 1
-    with pytest.raises(KeyError, match="not served"):
+    with pytest.raises(TaskError, match="not served"):
         task_id(tmp_path / "repo" / "fastertransformer" / "tasks.json", "nope")
 
 
