@@ -137,11 +137,16 @@ def _model_names(model: str) -> set[str]:
 
 
 def same_base(recorded: str, model: str) -> bool:
-    """Whether a prefix header's base_model names `model`: the same folder when both are existing paths, otherwise
-    the same name (folder or hub id's last part)."""
+    """Whether a prefix header's base_model names `model`: prefix.io's rule (the same folder when both are existing
+    paths, else the same string), and, since an export always reads a local folder while a prefix may record the
+    hub id it was trained from, also the same name (folder or hub id's last part) when the two are not both paths."""
+    from prefixtune.prefix.io import same_base_model
+
+    if same_base_model(recorded, model):
+        return True
     a, b = Path(recorded).expanduser(), Path(model).expanduser()
     if a.exists() and b.exists():
-        return a.resolve() == b.resolve()
+        return False
     return bool(_model_names(recorded) & _model_names(model))
 
 

@@ -31,12 +31,25 @@ def read_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(4)
+    boms = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+            (b"\xfe\xff", "UTF-16"))
+    for bom, name in boms:
+        if head.startswith(bom):
+            raise DataError(f"{path}: the file is {name} text (it starts with a {name} byte-order mark); JSONL must "
+                            f"be UTF-8: convert it, e.g. iconv -f {name} -t UTF-8 {path} > fixed.jsonl")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "JSONL must be UTF-8: convert the file") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

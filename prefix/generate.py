@@ -2,7 +2,8 @@
 
 A prefix enters generation as a pre-filled `DynamicCache` (P positions) with an attention mask of length P+T:
 the prefix is computed once, real tokens sit at positions P, P+1, ... exactly as in training, and switching task
-costs a dictionary lookup, not a model reload.
+costs a dictionary lookup, not a model reload. Task names are unique and never `base` (which means no prefix);
+a prompt that would run past a learned absolute position table (GPT-2's n_positions) is refused before generating.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import absolute_position_limit, max_positions
 from .encoder import table_to_cache
-from .io import check_compatible, load_prefix
+from .io import check_compatible, check_task_name, load_prefix
 from .shapes import PrefixShape
 
 
@@ -33,26 +35,64 @@ class Generator:
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
         self.tasks: dict[str, tuple[torch.Tensor, PrefixShape]] = {}
+        self.sources: dict[str, str] = {}  # task -> the file it came from
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.absolute_limit = absolute_position_limit(model)  # hard: positions past it do not exist
+        self.max_positions, self.positions_field = max_positions(model.config)
 
-    def add_prefix(self, path, name: str | None = None) -> str:
-        """Load and check a prefix file; returns the task name it is known by."""
-        table, shape, meta = load_prefix(path)
+    def add_prefix(self, path, name: str | None = None, replace: bool = False, loaded=None) -> str:
+        """Load and check a prefix file; returns the task name it is known by. A name already loaded is refused
+        unless `replace`; `loaded` is `load_prefix(path)`'s result when the caller has read the file already."""
+        table, shape, meta = loaded if loaded is not None else load_prefix(path)
         check_compatible(path, shape, meta, self.model.config)
         name = name or meta.get("task") or str(path)
+        check_task_name(path, name)
+        if name in self.tasks and not replace:
+            raise ValueError(f"{self.sources[name]} and {path} both carry task {name!r}; rename one with "
+                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
         self.tasks[name] = (table.to(self.device), shape)
+        self.sources[name] = str(path)
         return name
+
+    def length_problem(self, prompt_tokens: int, task: str | None, max_new_tokens: int,
+                       absolute_only: bool = True) -> str | None:
+        """Why `prompt_tokens` + the task's prefix + `max_new_tokens` do not fit the model's positions, or None.
+        `absolute_only`: check only a learned absolute position table (a hard limit); else also
+        max_position_embeddings (the length a rotary model was trained for)."""
+        limit, field = self.absolute_limit, self.positions_field or "position table"
+        if limit is None and not absolute_only:
+            limit, field = self.max_positions, self.positions_field
+        if limit is None:
+            return None
+        prefix_len = self.tasks[task][1].prefix_len if task is not None else 0
+        needed = prefix_len + prompt_tokens + max_new_tokens - 1  # the last new token is never fed back
+        if needed <= limit:
+            return None
+        mt = getattr(self.model.config, "model_type", None) or "the model"
+        room, most_new = limit - prefix_len - max_new_tokens + 1, limit - prefix_len - prompt_tokens + 1
+        fix = []
+        if room >= 1:
+            fix.append(f"shorten the prompt to at most {room} tokens")
+        if most_new >= 1:
+            fix.append(f"pass --max_new_tokens {most_new} or fewer")
+        return (f"expected at most {limit} positions ({mt}'s {field}), got {needed}: prefix {prefix_len} + prompt "
+                f"{prompt_tokens} + max_new_tokens {max_new_tokens} - 1 (the last new token takes none); "
+                + (" or ".join(fix) or "shorten the prompt and pass a smaller --max_new_tokens"))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], task: str | None = None, sampling: Sampling = Sampling(),
                  streamer=None) -> list[str]:
-        """Complete `prompts` (one batch, left-padded) with the prefix of `task` (None = the bare base model)."""
+        """Complete `prompts` (one batch, left-padded) with the prefix of `task` (None = the bare base model).
+        Raises ValueError when the longest prompt would run past an absolute position table."""
         if task is not None and task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; loaded: {', '.join(self.tasks) or 'none'}")
         self.tok.padding_side = "left"
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+        problem = self.length_problem(ids.shape[1], task, sampling.max_new_tokens)  # left padding: T = the longest
+        if problem:
+            raise ValueError(problem)
         kwargs = {}
         if task is not None:
             table, shape = self.tasks[task]

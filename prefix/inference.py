@@ -7,6 +7,8 @@
         --prefix_checkpoint_path a.safetensors --decode_method nucleus --top_p 0.9     # the seed's flags
 
 Input JSONL lines are {"prompt": ...} with an optional "task"; output lines add "completion".
+Without --model the prefixes' own base model (header field base_model) is loaded; with --model, a prefix trained on
+another model is refused unless --allow_other_base. Every error is one line on stderr, `error: ...`, exit status 1.
 """
 from __future__ import annotations
 
@@ -17,16 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .base import DTYPES, load_base
+from .base import DTYPES, is_default_model, load_base, load_config
 from .generate import Generator, Sampling
-from .io import atomic_path
+from .io import atomic_path, check_base_model, check_compatible, check_task_name, load_prefix, same_base_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefix_inference", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", "--pretrained_model_dir", dest="model", default=None,
-                   help="base model: HF folder or name, a .gguf file, or 'smollm2' (default: embedded SmolLM2-135M)")
+                   help="base model: HF folder or name, a .gguf file, or 'smollm2' (default: the base_model stored in "
+                        "the --prefix files, else the embedded SmolLM2-135M)")
     p.add_argument("--model_type", choices=["gpt-neox", "gpt"], help="seed compatibility; the model's config decides")
     p.add_argument("--prefix", "--prefix_checkpoint_path", dest="prefix", nargs="*", default=[],
                    help="prefix .safetensors file(s); none = the bare base model")
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="where batch generation writes JSONL (default: standard output)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch in batch generation")
     p.add_argument("--task", help="task for prompts without one (default: the first --prefix; 'base' = none)")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="run prefixes on a --model other than the base_model stored in their files")
     return p
 
 
@@ -61,6 +66,37 @@ def sampling_from(args) -> Sampling:
     return s
 
 
+def stdin_lines(interactive: bool, prompt):
+    """(line number, text) for each line of standard input; text is None for a line that is not valid UTF-8."""
+    if interactive:
+        try:  # input() decodes with stdin's errors setting: keep undecodable bytes as surrogates, then report them
+            sys.stdin.reconfigure(errors="surrogateescape")
+        except (AttributeError, ValueError):
+            pass
+        n = 0
+        while True:
+            try:
+                line = input(prompt())
+            except EOFError:
+                return
+            n += 1
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                yield n, None
+                continue
+            yield n, line
+    raw_lines = getattr(sys.stdin, "buffer", None)
+    if raw_lines is None:  # stdin replaced by a text stream (tests, embedding)
+        yield from ((n, line.rstrip("\r\n")) for n, line in enumerate(sys.stdin, 1))
+        return
+    for n, raw in enumerate(raw_lines, 1):  # bytes, decoded per line: one bad line does not end the session
+        try:
+            yield n, raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield n, None
+
+
 def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool) -> None:
     from transformers import TextStreamer
 
@@ -68,15 +104,18 @@ def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool
     if interactive:
         print(f"tasks: {', '.join(gen.tasks) or 'none'}; now: {task or 'base'}. "
               "Commands :tasks, :task NAME, :base, :quit. Ctrl+D ends.", file=sys.stderr)
+    lines = stdin_lines(interactive, lambda: f"[{task or 'base'}]> ")
     while True:
         try:
-            line = input(f"[{task or 'base'}]> " if interactive else "")
-        except EOFError:
+            n, line = next(lines)
+        except StopIteration:
             break
         except KeyboardInterrupt:
             print(file=sys.stderr)
             break
-        line = line.rstrip("\n")
+        if line is None:
+            print(f"line {n} is not valid UTF-8, skipped", file=sys.stderr)
+            continue
         if not line.strip():
             continue
         if line.startswith(":"):
@@ -87,6 +126,8 @@ def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool
                 task = None
             elif cmd == "task" and arg.strip() in gen.tasks:
                 task = arg.strip()
+            elif cmd == "task" and arg.strip() == "base":
+                task = None
             elif cmd == "task":
                 print(f"unknown task {arg.strip()!r}; loaded: {', '.join(gen.tasks) or 'none'}", file=sys.stderr)
             elif cmd in ("quit", "q", "exit"):
@@ -94,38 +135,66 @@ def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool
             else:
                 print(f"unknown command :{cmd}; use :tasks, :task NAME, :base, :quit", file=sys.stderr)
             continue
+        # Count tokens before generating: a 100k-character line would otherwise allocate gigabytes first.
+        n_tokens = len(gen.tok(line, add_special_tokens=False)["input_ids"])
+        problem = gen.length_problem(n_tokens, task, sampling.max_new_tokens, absolute_only=False)
+        if problem:
+            print(f"line {n} skipped: {problem}", file=sys.stderr)
+            continue
         try:
             streamer = TextStreamer(gen.tok, skip_prompt=True, skip_special_tokens=True)
             gen.generate([line], task, sampling, streamer=streamer)
         except KeyboardInterrupt:  # stop this generation, keep the session
             print(file=out)
+        except (ValueError, torch.OutOfMemoryError) as e:
+            print(f"line {n} skipped: {' '.join(str(e).split())}", file=sys.stderr)
         out.flush()
 
 
-def read_prompts(path: str) -> list[dict]:
+def read_prompt_lines(path: str) -> list[tuple[int, dict]]:
+    """(line number, {"prompt", "task"?}) for each non-blank line of a JSONL file; SystemExit on a bad line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise SystemExit(f"{path}:{n}: expected an object with a string field 'prompt'")
-            rows.append(obj)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise SystemExit(f"error: --input {path}: cannot read it ({e.strerror or e})") from None
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: {path}:{n}: not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise SystemExit(f"error: {path}:{n}: expected an object with a string field 'prompt'")
+        rows.append((n, obj))
     return rows
 
 
-def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, batch_size: int, output) -> None:
+def read_prompts(path: str) -> list[dict]:
+    return [row for _, row in read_prompt_lines(path)]
+
+
+def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, batch_size: int, output,
+          where: list[str] | None = None) -> None:
+    """Generate for every row; `where` names each row in errors (default: 'prompt N')."""
     from tqdm import tqdm
 
-    for row in rows:
+    where = where or [f"prompt {i + 1}" for i in range(len(rows))]
+    for row, at in zip(rows, where):
         t = row.get("task", default_task)
         row["task"] = None if t in (None, "base") else t
         if row["task"] is not None and row["task"] not in gen.tasks:
-            raise SystemExit(f"prompt {row['prompt'][:40]!r} asks for task {t!r}; loaded: {', '.join(gen.tasks)}")
+            raise SystemExit(f"error: {at}: task {t!r} is not loaded; loaded: {', '.join(gen.tasks) or 'none'}")
+        # Refuse before generating anything: past an absolute position table generation would crash midway.
+        n_tokens = len(gen.tok(row["prompt"], add_special_tokens=False)["input_ids"])
+        problem = gen.length_problem(n_tokens, row["task"], sampling.max_new_tokens)
+        if problem:
+            raise SystemExit(f"error: {at}: {problem}")
     by_task: dict = {}
     for i, row in enumerate(rows):
         by_task.setdefault(row["task"], []).append(i)
@@ -144,22 +213,97 @@ def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, ba
         sys.stdout.write(text)
 
 
+def load_prefixes(paths: list[str]) -> list[tuple[str, tuple]]:
+    """Read every --prefix file before any model loads: (path, (table, shape, meta)). Refuses a task named 'base'
+    and two files with the same task."""
+    loaded, seen = [], {}
+    for path in paths:
+        table, shape, meta = load_prefix(path)
+        name = meta.get("task") or str(path)
+        check_task_name(path, name)
+        if name in seen:
+            first = seen[name]
+            if Path(first).resolve() == Path(path).resolve():
+                raise ValueError(f"--prefix {path} is given twice; give it once")
+            raise ValueError(f"--prefix {first} and {path} both carry task {name!r}; rename one with "
+                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
+        seen[name] = path
+        loaded.append((path, (table, shape, meta)))
+    return loaded
+
+
+def choose_model(model: str | None, loaded: list[tuple[str, tuple]]) -> str | None:
+    """The base model to load: --model if given, else the one all prefixes were trained on (their base_model)."""
+    if model is not None or not loaded:
+        return model
+    first_path, (_, _, first) = loaded[0]
+    for path, (_, _, meta) in loaded[1:]:
+        if not same_base_model(first.get("base_model"), meta.get("base_model")):
+            raise ValueError(f"--prefix {first_path} was trained on {first.get('base_model') or 'smollm2'} but {path} "
+                             f"on {meta.get('base_model') or 'smollm2'}, and one run has one base model: pass "
+                             "--model M (with --allow_other_base for prefixes trained on another model), or run "
+                             "them separately")
+    return first.get("base_model") or None
+
+
+def check_prefixes(loaded: list[tuple[str, tuple]], config, model: str | None, given: bool, allow_other: bool) -> None:
+    """Every prefix fits the model's shape (no flag overrides that) and, when --model was given, was trained on
+    it (--allow_other_base overrides that)."""
+    for path, (_, shape, meta) in loaded:
+        check_compatible(path, shape, meta, config)
+    if given:
+        for path, (_, _, meta) in loaded:
+            if not check_base_model(path, meta, model, allow_other):
+                print(f"warning: {path} was trained on {meta.get('base_model') or 'smollm2'}; running it on {model} "
+                      "(--allow_other_base)", file=sys.stderr)
+
+
+def _error(e: BaseException) -> SystemExit:
+    return SystemExit("error: " + " ".join(str(e).split()))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: expected --max_new_tokens of at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise SystemExit(f"error: expected --batch_size of at least 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
-    base, tok, _ = load_base(args.model, args.dtype, args.device)
+    try:
+        loaded = load_prefixes(args.prefix)
+        names = [meta.get("task") or str(path) for path, (_, _, meta) in loaded]
+        task = args.task if args.task is not None else (names[0] if names else None)
+        task = None if task == "base" else task
+        if task is not None and task not in names:
+            raise ValueError(f"--task {task!r} is not among the loaded prefixes: {', '.join(names) or 'none'}; "
+                             "pass one of them, or base")
+        model = choose_model(args.model, loaded)
+    except (ValueError, FileNotFoundError) as e:
+        raise _error(e) from None
+    try:
+        config = load_config(model)
+    except (ValueError, FileNotFoundError) as e:
+        if args.model is None and loaded and not is_default_model(model):
+            raise _error(f"--model not given, so the base model comes from {loaded[0][0]}'s header (base_model "
+                         f"{model}), which cannot be used: {e}; pass --model with the model it was trained on"
+                         ) from None
+        raise _error(e) from None
+    try:
+        check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
+        base, tok, _ = load_base(model, args.dtype, args.device, config=config)
+    except (ValueError, FileNotFoundError) as e:
+        raise _error(e) from None
     gen = Generator(base, tok)
     try:
-        names = [gen.add_prefix(p) for p in args.prefix]
+        for path, prefix in loaded:
+            gen.add_prefix(path, loaded=prefix)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    task = args.task if args.task is not None else (names[0] if names else None)
-    task = None if task == "base" else task
-    if task is not None and task not in gen.tasks:
-        raise SystemExit(f"--task {task!r} is not among the loaded prefixes: {', '.join(names) or 'none'}")
+        raise _error(e) from None
     sampling = sampling_from(args)
     if args.input:
-        batch(gen, read_prompts(args.input), task, sampling, args.batch_size, args.output)
+        numbered = read_prompt_lines(args.input)
+        batch(gen, [row for _, row in numbered], task, sampling, args.batch_size, args.output,
+              where=[f"{args.input}:{n}" for n, _ in numbered])
     else:
         repl(gen, task, sampling, interactive=sys.stdin.isatty())
     return 0

@@ -5,6 +5,8 @@
             prefix_len, train_args (JSON)
 
 The order is the one rinna's prefix-tuning-gpt and PEFT use, so a table moves between them with a reshape.
+Files are read with safetensors only, never unpickled. `check_base_model` decides whether a prefix may run on a
+given --model (inference, resume); `python -m prefixtune.prefix.io rename FILE NEW_TASK` renames a task in place.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .shapes import PrefixShape, base_dims
 FORMAT = "prefixtune"
 FORMAT_VERSION = "1"
 SHAPE_KEYS = ("num_layers", "num_kv_heads", "head_dim")
+BASE_TASK = "base"  # the task name that means "no prefix"
 
 
 @contextlib.contextmanager
@@ -62,11 +65,39 @@ def save_prefix(path, table: torch.Tensor, shape: PrefixShape, *, task: str, bas
         save_file({"prefix": table.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
 
 
+def _unreadable(path: Path, e: BaseException) -> ValueError:
+    """Why a file is not a readable safetensors file, in one line: a pickle, truncated, or corrupt."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        size = path.stat().st_size
+    except OSError:
+        head, size = b"", -1
+    if size == 0:
+        what = "the file is empty"
+    elif head.startswith(b"PK\x03\x04"):
+        what = "it is a zip archive (a torch.save checkpoint?), which prefixtune never unpickles"
+    elif head[:1] == b"\x80":
+        what = "it is a Python pickle (a torch.save checkpoint?), which prefixtune never unpickles"
+    elif (size < 8 or "not fully covered" in str(e) or "incomplete metadata" in str(e)
+          or 8 + int.from_bytes(head, "little") > size and int.from_bytes(head, "little") < 100_000_000):
+        # a safetensors file is an 8-byte header length, the JSON header, then the data: any of it cut off
+        what = "it is truncated (an interrupted copy or download?)"
+    else:
+        what = " ".join(str(e).split())
+    return ValueError(f"{path}: not a readable safetensors file ({what}); expected a prefix file written by "
+                      "prefixtune: copy it again, or import a rinna/PEFT checkpoint with python -m prefixtune.convert "
+                      "from-rinna/from-peft")
+
+
 def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
-    """Read and check a prefix file: (table [P, width] fp32, shape, metadata)."""
+    """Read and check a prefix file: (table [P, width] fp32, shape, metadata). Every error is a one-line
+    FileNotFoundError or ValueError that names the file. The file is never unpickled."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"prefix file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path}: expected a prefix .safetensors file, got a folder")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -75,7 +106,7 @@ def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
                 raise ValueError(f"{path}: no tensor 'prefix' (found {keys}); is this a prefixtune prefix file?")
             table = f.get_tensor("prefix").float()
     except (OSError, RuntimeError, SafetensorError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise _unreadable(path, e) from e
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: header field format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -85,11 +116,77 @@ def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
         shape = PrefixShape(*(int(meta[k]) for k in (*SHAPE_KEYS, "prefix_len")))
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: header lacks a valid {e} field") from e
+    if min(shape.as_dict().values()) < 1:
+        raise ValueError(f"{path}: header gives a dimension below 1: {shape.as_dict()}")
     if tuple(table.shape) != (shape.prefix_len, shape.width):
         raise ValueError(f"{path}: tensor 'prefix' has shape {tuple(table.shape)}, "
                          f"but the header says {(shape.prefix_len, shape.width)}")
-    meta["train_args"] = json.loads(meta.get("train_args") or "{}")
+    if not torch.isfinite(table).all():
+        raise ValueError(f"{path}: expected finite numbers, got NaN or infinity in tensor 'prefix' "
+                         "(did training diverge?); use an earlier prefix or retrain with a lower --max_lr")
+    try:
+        meta["train_args"] = json.loads(meta.get("train_args") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: header field train_args is not valid JSON ({e.msg})") from None
     return table, shape, meta
+
+
+def check_task_name(path, name) -> None:
+    """Refuse a task name that cannot be selected: empty, or 'base' (which means "no prefix")."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"{path}: expected a task name without surrounding spaces, got {name!r}; "
+                         f"rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
+    if name == BASE_TASK:
+        raise ValueError(f"{path}: task name {BASE_TASK!r} is reserved (it means no prefix), so this prefix could "
+                         f"never be chosen; rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
+
+
+def rename_task(path, task: str) -> None:
+    """Rewrite a prefix file's header field `task` (atomically; the table and the other fields stay)."""
+    if not task.strip() or task != task.strip() or task == BASE_TASK:
+        raise ValueError(f"expected a new task name without surrounding spaces, got {task!r}"
+                         + (f" ({BASE_TASK!r} is reserved: it means no prefix)" if task == BASE_TASK else ""))
+    table, shape, meta = load_prefix(path)
+    save_prefix(path, table, shape, task=task, base_model=meta.get("base_model", ""),
+                architecture=meta.get("architecture", ""), train_args=meta.get("train_args"))
+
+
+def _canonical_model(model) -> str:
+    """--model / base_model -> what identifies it: the resolved path of a local file or folder (the default's
+    GGUF file for 'smollm2', None or ''), else the string itself (a hub name)."""
+    from .base import DEFAULT_MODEL, default_model_file, is_default_model
+
+    if is_default_model(model):
+        try:
+            return str(default_model_file().resolve())
+        except FileNotFoundError:
+            return DEFAULT_MODEL
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
+def same_base_model(a, b) -> bool:
+    """Whether two --model values (or saved base_model fields) name the same model: resolved absolute paths when
+    both exist, else the strings; None, '' and 'smollm2' all mean the embedded default."""
+    return _canonical_model(a) == _canonical_model(b)
+
+
+def check_base_model(path, meta: dict, model_name, allow_other: bool = False,
+                     flag: str = "--allow_other_base") -> bool:
+    """Compare the prefix's saved base_model with the model about to run it (`model_name`, as given to --model;
+    None = the embedded default). True if they are the same; False if not but `allow_other`; else a one-line
+    ValueError naming both and `flag`."""
+    from .base import DEFAULT_MODEL, is_default_model
+
+    trained = meta.get("base_model")
+    if same_base_model(trained, model_name):
+        return True
+    if allow_other:
+        return False
+    shown_trained = DEFAULT_MODEL if is_default_model(trained) else trained
+    shown = f"--model {model_name}" if not is_default_model(model_name) else f"the embedded default ({DEFAULT_MODEL})"
+    raise ValueError(f"{path} was trained on base model {shown_trained}, got {shown}: pass --model {shown_trained} "
+                     f"(or leave --model out to use it), or pass {flag} to run it on this model anyway")
 
 
 def check_compatible(path, shape: PrefixShape, meta: dict, config) -> None:
@@ -101,3 +198,31 @@ def check_compatible(path, shape: PrefixShape, meta: dict, config) -> None:
             f"{path} was trained on {meta.get('base_model')} ({meta.get('architecture')}) and does not fit this base "
             f"model ({getattr(config, 'model_type', '?')}): " + "; ".join(bad) + ". Load it with the model it was trained on."
         )
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m prefixtune.prefix.io", description="Inspect or rename a prefix file.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("rename", help="change the task name stored in a prefix file")
+    r.add_argument("file")
+    r.add_argument("task")
+    s = sub.add_parser("show", help="print a prefix file's header")
+    s.add_argument("file")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "rename":
+            rename_task(a.file, a.task)
+        else:
+            _, _, meta = load_prefix(a.file)
+            json.dump(meta, sys.stdout, indent=2, ensure_ascii=False)
+            print()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

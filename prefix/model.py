@@ -43,17 +43,35 @@ class PrefixLM(nn.Module):
         super().__init__()
         self.base = base
         self.encoder = encoder
+        self.checkpointing = False
         use_prefix_attention(base)
         base.config.use_cache = False
         for name, p in self.named_parameters():
             p.requires_grad_(is_trainable(name))
 
+    def train(self, mode: bool = True):
+        """Only the encoder follows train/eval mode: the frozen base always runs as in inference (GPT-2's dropout
+        of 0.1 would otherwise make training and dev losses come from different models)."""
+        super().train(mode)
+        self.base.eval()
+        if mode and self.checkpointing:
+            # HF checkpoints a decoder layer only while that layer is in training mode; set the flag on the layer
+            # module alone, so its dropout children stay off.
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for m in self.base.modules():
+                if isinstance(m, GradientCheckpointingLayer):
+                    m.training = True
+        return self
+
     def gradient_checkpointing(self, enable: bool = True) -> None:
+        self.checkpointing = enable
         if enable:
             # Non-reentrant: the prefix table arrives as a keyword argument and still receives its gradient.
             self.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.base.activation_checkpointing_disable()
+        self.train(self.training)
 
     def hidden_states(self, input_ids, attention_mask, table=None):
         """(B, T) ids -> (B, T, E) last hidden states, with the prefix `table` (defaults to the encoder's)."""

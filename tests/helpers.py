@@ -28,3 +28,21 @@ def train(*flags, **kw) -> subprocess.CompletedProcess:
 
 def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def train_with_fault(*flags, fault: dict | None = None, processes: int = 1, port: int = 29650, **kw):
+    """`python -m train` (or the deepspeed launcher with `processes` CPU ranks) through tests/fault_driver.py."""
+    import shutil
+
+    driver = str(ROOT / "tests" / "fault_driver.py")
+    env = {**(kw.pop("env", None) or {}), "PREFIXTUNE_FAULT": json.dumps(fault or {})}
+    if processes == 1:
+        cmd = [sys.executable, driver]
+    else:
+        cmd = [shutil.which("deepspeed"), "--num_gpus", str(processes), "--master_port", str(port), driver]
+    return run([*cmd, *map(str, flags)], env=env, **kw)
+
+
+def curve(path: Path) -> list[tuple]:
+    """(step, loss, dev_loss, lr) of every metrics line: what a resumed run must reproduce."""
+    return [(r["step"], r.get("loss"), r.get("dev_loss"), r.get("lr")) for r in metrics(path)]

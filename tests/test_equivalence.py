@@ -132,3 +132,40 @@ def test_only_encoder_trains():
     trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
     assert trainable == {"encoder.embedding.weight", "encoder.mlp.0.weight", "encoder.mlp.0.bias",
                          "encoder.mlp.3.weight", "encoder.mlp.3.bias"}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_the_frozen_base_never_runs_dropout(checkpointing):
+    """GPT-2 with dropout 0.1 everywhere: in training mode the wrapper's loss equals the eval-mode loss computed
+    by an independent copy of the base in eval mode (HF eager over a hand-built cache), so training and dev losses
+    come from the same model; checkpointing still recomputes (and still gives the same gradient)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=300, n_positions=64, resid_pdrop=0.1,
+                     embd_pdrop=0.1, attn_pdrop=0.1)
+    base = GPT2LMHeadModel(cfg).eval()
+    reference = copy.deepcopy(base)
+    reference.set_attn_implementation("eager")
+    enc = PrefixEncoder(prefix_shape(cfg, P), 16, 16, dropout=0.0)
+    enc.reset("random")
+    model = PrefixLM(base, enc)
+    model.gradient_checkpointing(checkpointing)
+    model.train()
+    assert model.encoder.training and not any(m.training for m in base.modules() if isinstance(m, torch.nn.Dropout))
+    ids, mask = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    calls = []
+    # a pre-hook: recomputation calls forward() (no hooks on the layer itself) and stops early after the last
+    # tensor it needs, so only what runs first in the layer is sure to be seen again
+    base.transformer.h[0].attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    losses = [model(ids, mask, labels)[0] for _ in range(2)]
+    with torch.no_grad():
+        logits = reference_logits(reference, enc(), ids, mask)[:, :-1]
+    target = labels[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100])
+    torch.testing.assert_close(losses[0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    losses[0].backward()
+    assert enc.embedding.weight.grad is not None and enc.embedding.weight.grad.abs().sum() > 0
+    assert len(calls) == (3 if checkpointing else 2)  # checkpointing recomputed the layer in backward

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -90,3 +91,94 @@ def test_failed_save_keeps_existing_file(tmp_path):
     with pytest.raises(ValueError):
         save_prefix(path, torch.ones(3, 4), shape, task="t", base_model="m", architecture="a")
     assert path.read_bytes() == before
+
+
+def _one_line_naming(e, path) -> str:
+    """The error names the file on one line; returns the message without the path (tmp paths hold test names)."""
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg, msg
+    return msg.replace(str(path), "")
+
+
+def test_pickles_renamed_to_safetensors_are_refused_unread(tmp_path):
+    """A torch.save checkpoint (zip) or a bare pickle named .safetensors: refused, and never unpickled."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):  # unpickling this would create a file
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    shape = PrefixShape(1, 1, 2, 2)
+    zipped, raw = tmp_path / "zip.safetensors", tmp_path / "raw.safetensors"
+    torch.save({"prefix": torch.zeros(2, shape.width), "x": Boom()}, zipped)
+    raw.write_bytes(pickle.dumps({"prefix": Boom()}))
+    for path, what in ((zipped, "a zip archive (a torch.save checkpoint?)"), (raw, "a Python pickle")):
+        with pytest.raises(ValueError) as e:
+            load_prefix(path)
+        msg = _one_line_naming(e, path)
+        assert "not a readable safetensors file" in msg and what in msg and "never unpickles" in msg
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_and_empty_files_are_refused(tmp_path):
+    shape = PrefixShape(2, 2, 8, 4)
+    path = tmp_path / "p.safetensors"
+    save_prefix(path, torch.randn(4, shape.width), shape, task="t", base_model="m", architecture="llama")
+    data = path.read_bytes()
+    for n in (len(data) // 2, len(data) - 1, 100):
+        cut = tmp_path / f"cut{n}.safetensors"
+        cut.write_bytes(data[:n])
+        with pytest.raises(ValueError) as e:
+            load_prefix(cut)
+        assert "truncated" in _one_line_naming(e, cut)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError) as e:
+        load_prefix(tmp_path / "empty.safetensors")
+    assert "empty" in _one_line_naming(e, tmp_path / "empty.safetensors")
+
+
+def test_non_finite_table_is_refused(tmp_path):
+    shape = PrefixShape(1, 1, 2, 2)
+    table = torch.zeros(2, shape.width)
+    table[1, 2] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_prefix(path, table, shape, task="t", base_model="m", architecture="a")
+    with pytest.raises(ValueError) as e:
+        load_prefix(path)
+    assert "NaN" in _one_line_naming(e, path)
+
+
+def test_rename_task_keeps_everything_else(tmp_path):
+    from helpers import run
+
+    shape = PrefixShape(1, 1, 2, 2)
+    table = torch.randn(2, shape.width)
+    path = tmp_path / "p.safetensors"
+    save_prefix(path, table, shape, task="base", base_model="some/model", architecture="llama",
+                train_args={"seed": 3})
+    run([sys.executable, "-m", "prefixtune.prefix.io", "rename", str(path), "smile"])
+    loaded, loaded_shape, meta = load_prefix(path)
+    assert torch.equal(loaded, table) and loaded_shape == shape
+    assert (meta["task"], meta["base_model"], meta["architecture"], meta["train_args"]) == \
+        ("smile", "some/model", "llama", {"seed": 3})
+    proc = run([sys.executable, "-m", "prefixtune.prefix.io", "rename", str(path), "base"], check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ") and "reserved" in proc.stderr
+    assert "Traceback" not in proc.stderr and load_prefix(path)[2]["task"] == "smile"
+
+
+def test_torch_load_only_with_weights_only_in_prefix():
+    """No code under prefix/ unpickles: every torch.load call (if any) passes weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "prefix"
+    files = sorted(root.glob("*.py"))
+    assert len(files) >= 9
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and getattr(node.func.value, "id", None) == "torch":
+                kw = {k.arg: k.value for k in node.keywords}
+                assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+                    f"{f.name}:{node.lineno}: torch.load without weights_only=True"
+        assert "pickle.load" not in f.read_text(encoding="utf-8"), f.name

@@ -22,7 +22,8 @@ class TrainArgs:
                                 choices=["gpt-neox", "gpt"])
     data_filepath: str | None = _f(None, "JSONL with {\"text\"} or {\"prompt\",\"completion\"} per line "
                                          "(default: built-in paragraphs from CPython's documentation)")
-    data: str | None = _f(None, "like --data_filepath, but {\"text\"} records train as they are (--transform none)")
+    data: str | None = _f(None, "like --data_filepath, but {\"text\"} records train as they are (--transform none); "
+                                "the log names the transform in use")
     transform: str | None = _f(None, "'smileface' appends ' 😃' to every line of {\"text\"} records; 'none' trains on "
                                      "text as is (default: smileface for the built-in data and for --data_filepath, "
                                      "as the seed did; none for --data)", choices=["smileface", "none"])
@@ -51,7 +52,8 @@ class TrainArgs:
     max_lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-5, "learning rate at the end of the decay")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this (0 = off)")
+    grad_clip: float | None = _f(None, "clip the gradient norm to this, 0 = off (default: the DeepSpeed config's "
+                                       "gradient_clipping, else 1.0)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory; the prefix stays applied")
     # precision and DeepSpeed
     precision: str = _f("auto", "'auto' = bf16 on GPUs and CPUs with fast bf16, fp16 on older GPUs, else fp32 "
@@ -63,8 +65,7 @@ class TrainArgs:
                                 choices=[0, 1, 2, 3])
     offload: bool = _f(False, "keep optimizer states on the CPU and step with DeepSpeedCPUAdam")
     deepspeed_config: str | None = _f(None, "DeepSpeed JSON (e.g. ds_configs/zero2_offload.json); flags given on the "
-                                            "command line override its values; a missing file is ignored (the "
-                                            "seed's scripts passed a file they were about to write)")
+                                            "command line override its values")
     deepspeed: bool = _f(False, "accepted for the seed's command line; training always runs under DeepSpeed")
     # output
     save_name: str = _f("prefix", "prefix file name: <save_dir>/<save_name>.safetensors")
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a prefix (prefix tuning, Li & Liang 2021) for a frozen causal LM under DeepSpeed. "
-                    "Run as `deepspeed -m train ...` (any number of processes) or `python -m train ...` (one).",
+                    "Run as `deepspeed --module train ...` (any number of processes) or `python -m train ...` (one).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainArgs):
@@ -123,7 +124,7 @@ def validate_args(a: TrainArgs) -> list[str]:
         if v is not None and v < 1:
             problems.append(f"--{name} must be at least 1, got {v}")
     for name in ("n_warmup_steps", "dev_data_size", "eval_every", "weight_decay", "grad_clip", "min_lr"):
-        if getattr(a, name) < 0:
+        if getattr(a, name) is not None and getattr(a, name) < 0:
             problems.append(f"--{name} must not be negative, got {getattr(a, name)}")
     if not 0 <= a.prefix_dropout < 1:
         problems.append(f"--prefix_dropout must be in [0, 1), got {a.prefix_dropout}")
@@ -144,6 +145,30 @@ def validate_args(a: TrainArgs) -> list[str]:
         problems.append("--data and --data_filepath both name a data file: give one")
     if a.resume and a.overwrite:
         problems.append("--resume and --overwrite exclude each other")
+    return problems
+
+
+# What decides the numbers of a run: a state resumes only into a run where all of these are the same.
+# (--max_steps / --n_epochs may grow, --eval_every / --log_every and the output flags may change.)
+RESUME_MUST_MATCH = (
+    "pretrained_model_dir", "data_filepath", "data", "transform", "max_seq_len", "train_data_size", "dev_data_size",
+    "prefix_seq_len", "prefix_input_dim", "prefix_hidden_dim", "prefix_dropout", "prefix_init", "prefix_init_text",
+    "seed", "n_warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip",
+)
+
+
+def resume_mismatches(saved: dict, now: TrainArgs, saved_world: int, world: int) -> list[str]:
+    """Each argument where the saved run and this one differ, as '--flag: the state has X, this run Y'."""
+    from prefixtune.prefix.io import same_base_model  # paths compare resolved, so a moved working folder is fine
+
+    problems = []
+    for name in RESUME_MUST_MATCH:
+        old, new = saved.get(name), getattr(now, name)
+        same = same_base_model(old, new) if name in ("pretrained_model_dir", "data_filepath", "data") else old == new
+        if not same:
+            problems.append(f"--{name}: the state has {old!r}, this run {new!r}")
+    if saved_world != world:
+        problems.append(f"processes: the state comes from {saved_world}, this run has {world}")
     return problems
 
 

@@ -16,9 +16,9 @@ import sys
 import torch
 
 from prefixtune.data import build_split, builtin_records, read_jsonl
-from prefixtune.prefix.base import load_base
+from prefixtune.prefix.base import load_base, one_line
 from prefixtune.prefix.generate import Generator, Sampling
-from prefixtune.prefix.io import load_prefix
+from prefixtune.prefix.io import check_base_model, load_prefix
 
 SMILE = "😃"
 
@@ -58,13 +58,19 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=48, help="tokens generated per paragraph")
     p.add_argument("--show", type=int, default=3, help="samples to print with and without the prefix")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="run the prefix on --model even if it was trained on another base model")
     a = p.parse_args(argv)
-    _, _, meta = load_prefix(a.prefix)
-    model = a.model or meta["base_model"]
-    base, tok, _ = load_base(model)
-    gen = Generator(base, tok)
-    task = gen.add_prefix(a.prefix)
-    prompts = held_out_prompts(meta["train_args"], tok, a.n_prompts)
+    try:
+        table, shape, meta = load_prefix(a.prefix)
+        if a.model:
+            check_base_model(a.prefix, meta, a.model, allow_other=a.allow_other_base)
+        base, tok, _ = load_base(a.model or meta["base_model"] or None)
+        gen = Generator(base, tok)
+        task = gen.add_prefix(a.prefix, loaded=(table, shape, meta))
+        prompts = held_out_prompts(meta["train_args"], tok, a.n_prompts)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {one_line(e)}") from None
     sampling = Sampling(max_new_tokens=a.max_new_tokens, greedy=True)
     result = {}
     for label, t in (("without prefix", None), (f"with prefix {task}", task)):

@@ -6,8 +6,11 @@ from pathlib import Path
 
 
 def load_ds_file(path: str | None) -> dict:
-    if not path or not Path(path).is_file():
+    if not path:
         return {}
+    if not Path(path).is_file():
+        raise ValueError(f"--deepspeed_config {path}: no such file; give an existing DeepSpeed JSON (such as "
+                         "ds_configs/zero2_offload.json), or drop the flag to configure DeepSpeed with flags alone")
     try:
         cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -48,7 +51,9 @@ def build_ds_config(args, world_size: int) -> dict:
     elif wanted == "fp32":
         cfg["bf16"] = {"enabled": False}
         cfg["fp16"] = {"enabled": False}
-    cfg["gradient_clipping"] = args.grad_clip
+    if args.grad_clip is not None:
+        cfg["gradient_clipping"] = args.grad_clip
+    cfg.setdefault("gradient_clipping", 1.0)
     cfg.pop("optimizer", None)  # prefixtune builds the optimizer (DeepSpeedCPUAdam when offloading)
     cfg.pop("scheduler", None)  # and sets the learning rate itself, once per optimizer step
     cfg.setdefault("steps_per_print", 10**9)
@@ -67,6 +72,25 @@ def auto_precision() -> str:
     except OSError:
         return "fp32"
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+
+
+def unsupported_precision(prec: str) -> str | None:
+    """Why this machine's accelerator cannot train in `prec` (and what to use instead), or None if it can."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    where = "this CPU" if acc.device_name() == "cpu" else f"this {acc.device_name()} device"
+    if prec == "fp16" and not acc.is_fp16_supported():
+        hint = " (DeepSpeed needs AVX512-FP16 or AMX-FP16 for it)" if acc.device_name() == "cpu" else ""
+        return (f"fp16 is not supported on {where}{hint}: use --bf16, or --precision auto to pick what this machine "
+                "runs (a DeepSpeed config with fp16 enabled needs --bf16 or --precision fp32 to override it)")
+    if prec == "bf16" and not acc.is_bf16_supported():
+        return f"bf16 is not supported on {where}: use --fp16, or --precision auto"
+    return None
+
+
+def supported_precisions() -> list[str]:
+    return [p for p in ("fp32", "fp16", "bf16") if unsupported_precision(p) is None]
 
 
 def precision(cfg: dict) -> str:

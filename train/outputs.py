@@ -1,0 +1,138 @@
+"""What a training run writes in --save_dir, and the guards around it.
+
+    <save_name>.safetensors     the best prefix so far (replaced atomically)
+    <save_name>.state/          the training state for --resume (a new folder swapped in whole, see state.py)
+    <save_name>.metrics.jsonl   one JSON line per optimizer step, appended (a kill loses at most the line being
+                                written; --resume drops the lines after its state)
+    <save_name>.lock            held while a run writes these: a second run on the same --save_name is refused
+
+Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefixtune.prefix.io import atomic_path
+
+
+@dataclass(frozen=True)
+class Outputs:
+    folder: Path
+    name: str
+
+    @property
+    def prefix(self) -> Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / f"{self.name}.state"
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / f"{self.name}.metrics.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.folder / f"{self.name}.lock"
+
+    def remove_leftovers(self) -> None:
+        """Temporaries of a run that was killed mid-save (only the lock holder may call this)."""
+        for p in self.folder.glob(f"{self.name}.state.tmp*"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.folder.glob(f".{self.name}.safetensors.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive `flock` on <save_name>.lock for the whole run; the kernel drops it if the process dies."""
+
+    def __init__(self, out: Outputs):
+        self.path = out.lock
+        self.fd = None
+        self.made_folder = False
+
+    def acquire(self) -> None:
+        self.made_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SystemExit(f"error: another run (pid {other}) is writing {self.path.with_suffix('')}.* in "
+                             f"{self.path.parent}: wait for it to finish, or choose another --save_name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held, so no other run can hold it meanwhile
+            os.close(self.fd)
+            self.fd = None
+            if self.made_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # a run that failed before writing anything leaves no trace
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raised as OSError by Python or as a SafetensorError carrying the OS message by safetensors."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return any(m in text for m in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28",
+                                   "os error 122"))
+
+
+def no_space_message(e: BaseException, what: str, folder: Path, need_bytes: int) -> str | None:
+    """One line for a full disk (or quota), naming the folder and the space needed; None for other errors."""
+    if not is_disk_full(e):
+        return None
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return (f"error: no space left in {folder} to save the {what} (needs about {need_bytes / 2**20:.1f} MiB, "
+            f"{free / 2**20:.1f} MiB free); free some space, then continue with --resume (the previous outputs "
+            "are intact)")
+
+
+class Log:
+    """Rank-0 output: console lines (around the progress bar) and the metrics JSONL."""
+
+    def __init__(self, rank: int, metrics_path: Path):
+        self.on = rank == 0
+        self.metrics_path = metrics_path
+        self.bar = None
+
+    def __call__(self, msg: str) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def metrics(self, row: dict) -> None:
+        if self.on:
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """On resume: forget the steps after the saved state (they run again) and a line cut by a kill."""
+        if not self.on or not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row["step"] <= last_step:
+                keep.append(line)
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
