@@ -66,8 +66,7 @@ def test_trains_saves_the_master_prefix_and_resumes_exactly(case, tiny_llama_dir
     stage, prec, offload, ckpt, procs = case
     why = unsupported_precision(prec)
     if why:
-        pytest.skip(f"this machine cannot train in {prec}: {why.split(':')[0]} (CI on a CPU without AVX512-FP16); "
-                    "test_unsupported_precision_is_refused_up_front covers the refusal")
+        pytest.skip(f"this machine cannot train in {prec}: {why.split(':')[0]}; test_unsupported_precision_is_refused_up_front covers the refusal")
     common = ["--model", tiny_llama_dir, "--data", text_jsonl, *TINY, *flags_of(stage, prec, offload, ckpt),
               "--save_name", "p"]
     port = 29700 + 10 * CASES.index(case)
