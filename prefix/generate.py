@@ -101,4 +101,6 @@ class Generator:
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, streamer=streamer,
             pad_token_id=self.tok.pad_token_id, use_cache=True, **sampling.generate_kwargs(), **kwargs)
-        return self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        # max_new_tokens can cut a character that spans several tokens (an emoji): drop the incomplete tail
+        return [t.rstrip("\ufffd") for t in texts]
