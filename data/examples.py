@@ -10,7 +10,9 @@ IGNORE = -100  # label of tokens that carry no loss (prompts, padding)
 SMILE = " 😃"
 
 
-PIECE_CHARS = 8192  # longer texts are tokenised in pieces: a 50 MB line in one call takes ~10 GB
+# Longer texts are tokenised in pieces cut at spaces: a 50 MB line in one call takes ~10 GB. Where a piece has no
+# space (Japanese) the cut falls inside a word, and a sentencepiece tokenizer may give one token more there.
+PIECE_CHARS = 65536
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -96,7 +98,7 @@ def record_examples(record: dict, tokenizer, max_len: int, transform: str, eos_i
         prompt, completion = _ids(tokenizer, record["prompt"]), _ids(tokenizer, record["completion"])
         if eos_id is not None:
             completion = completion + [eos_id]  # so the model learns to stop
-        if len(prompt) + 1 >= max_len or not completion:
+        if len(prompt) >= max_len or not completion:
             return []
         if len(prompt) + len(completion) > max_len and report is not None:
             report.cut_completions += 1

@@ -38,12 +38,24 @@ def prefix_hidden_states(base, input_ids, attention_mask, table):
     return out.last_hidden_state
 
 
+def _no_dropout(base: nn.Module) -> None:
+    """Zero every dropout probability of the frozen base. Eval mode alone is not enough: a checkpointed decoder layer
+    must be in training mode, and some (OPT, Falcon) call F.dropout(..., training=self.training) themselves."""
+    for m in base.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name, value in vars(m).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
+
+
 class PrefixLM(nn.Module):
     def __init__(self, base: nn.Module, encoder: PrefixEncoder):
         super().__init__()
         self.base = base
         self.encoder = encoder
         self.checkpointing = False
+        _no_dropout(base)
         use_prefix_attention(base)
         base.config.use_cache = False
         for name, p in self.named_parameters():

@@ -169,3 +169,26 @@ def test_the_frozen_base_never_runs_dropout(checkpointing):
     losses[0].backward()
     assert enc.embedding.weight.grad is not None and enc.embedding.weight.grad.abs().sum() > 0
     assert len(calls) == (3 if checkpointing else 2)  # checkpointing recomputed the layer in backward
+
+
+def test_no_dropout_in_checkpointed_layers_that_call_it_themselves():
+    """OPT's decoder layer calls F.dropout(..., training=self.training) itself, and a checkpointed layer must be in
+    training mode: with dropout 0.1 the training-mode loss still equals the eval-mode loss, forward after forward."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, vocab_size=300,
+                    max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1)
+    base = OPTForCausalLM(cfg).eval()
+    enc = PrefixEncoder(prefix_shape(cfg, P), 16, 16, dropout=0.0)
+    enc.reset("random")
+    model = PrefixLM(base, enc)
+    model.gradient_checkpointing(True)
+    ids, mask = batch("right")
+    labels = ids.masked_fill(mask == 0, -100)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids, mask, labels)[0]
+    model.train()
+    for _ in range(3):
+        torch.testing.assert_close(model(ids, mask, labels)[0], expected, rtol=0, atol=0)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_kill_9_during_training_then_resume_gives_the_same_curve(full_run, tmp_p
 
 # The writes of a save, counted from step 1: round at step 2 = prefix (if improved), encoder, optimizer, rng,
 # rename into place; round at step 4 adds the rename of the old state aside. Killing at each one of them:
-@pytest.mark.parametrize("write", [1, 2, 4, 5, 6, 8, 10, 11])
+@pytest.mark.parametrize("write", range(1, 12))
 def test_kill_9_during_a_save_keeps_the_previous_outputs_and_resumes(write, full_run, tmp_path):
     common, full_out = full_run
     killed = train_with_fault(*common, "--save_dir", tmp_path, "--save_name", "p", fault={"kill_at_write": write},
@@ -87,6 +88,31 @@ def test_kill_9_during_a_save_keeps_the_previous_outputs_and_resumes(write, full
         return
     read_state(state)  # complete, whichever of old and new it is
     check_resumes_exactly(common, full_out, tmp_path)
+
+
+def test_kill_9_during_a_save_of_a_resumed_run(full_run, tmp_path):
+    """Killed after step 5, resumed from step 4, killed again at the rename of the old state aside (write 4 of
+    the resumed run: prefix?, 3 state files, renames), resumed again: still the same curve."""
+    common, full_out = full_run
+    train_with_fault(*common, "--save_dir", tmp_path, "--save_name", "p", fault={"kill_after_step": 5}, check=False)
+    for write in (4, 5):
+        killed = train_with_fault(*common, "--save_dir", tmp_path, "--save_name", "p", "--resume",
+                                  fault={"kill_at_write": write}, check=False)
+        assert killed.returncode == -9
+        read_state(find_state(tmp_path / "p.state"))
+    check_resumes_exactly(common, full_out, tmp_path)
+
+
+def test_overwrite_forgets_the_previous_state(full_run, tmp_path):
+    """--overwrite starts afresh: killed before its first evaluation, it leaves no state of the earlier run for a
+    --resume to pick up (which would mix that run's best loss with this run's prefix)."""
+    common, full_out = full_run
+    shutil.copytree(full_out, tmp_path, dirs_exist_ok=True)
+    killed = train_with_fault(*common, "--save_dir", tmp_path, "--save_name", "p", "--overwrite",
+                              fault={"kill_after_step": 1}, check=False)
+    assert killed.returncode == -9
+    proc = train(*common, "--save_dir", tmp_path, "--save_name", "p", "--resume", check=False)
+    assert "no training state" in one_line_error(proc)
 
 
 def test_disk_full_during_a_save_is_one_line_and_leaves_the_previous_state(full_run, tmp_path):
@@ -136,16 +162,18 @@ def test_resume_refuses_another_runs_state(full_run, tiny_llama_dir, sp_tokenize
     common, full_out = full_run
     before = snapshot(full_out)
     proc = train(*common, "--save_dir", full_out, "--save_name", "p", "--resume", "--max_lr", 0.02, check=False)
-    assert proc.returncode != 0 and "--max_lr: the state has 0.01, this run 0.02" in proc.stderr
+    assert "--max_lr: the state has 0.01, this run 0.02" in one_line_error(proc)
+    proc = train(*common, "--save_dir", full_out, "--save_name", "p", "--resume", "--precision", "bf16", check=False)
+    assert "precision: the state has 'fp32', this run 'bf16'" in one_line_error(proc)
     same_shape = save_tiny("llama", sp_tokenizer_dir, tmp_path / "other_llama", seed=3)
     args = [a if a != tiny_llama_dir else same_shape for a in common]
     proc = train(*args, "--save_dir", full_out, "--save_name", "p", "--resume", check=False)
     assert proc.returncode != 0 and "--pretrained_model_dir: the state has" in proc.stderr
     proc = train(*common, "--save_dir", full_out, "--save_name", "p", "--resume", "--prefix_hidden_dim", 8,
                  check=False)
-    assert "--prefix_hidden_dim: the state has 16, this run 8" in proc.stderr
-    assert "encoder.mlp.0.weight: the state has shape (16, 16), this model and prefix need (8, 16)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    err = one_line_error(proc)
+    assert "--prefix_hidden_dim: the state has 16, this run 8" in err
+    assert "encoder.mlp.0.weight: the state has shape (16, 16), this model and prefix need (8, 16)" in err
     assert snapshot(full_out) == before
 
 

@@ -9,6 +9,7 @@ must be the table of the fp32 master weights in the state.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -69,6 +70,10 @@ def test_trains_saves_the_master_prefix_and_resumes_exactly(case, tiny_llama_dir
         pytest.skip(f"this machine cannot train in {prec}: {why.split(':')[0]}; test_unsupported_precision_is_refused_up_front covers the refusal")
     common = ["--model", tiny_llama_dir, "--data", text_jsonl, *TINY, *flags_of(stage, prec, offload, ckpt),
               "--save_name", "p"]
+    if stage == 3:  # partition every parameter: by default DeepSpeed keeps tensors under 1e5 values whole
+        cfg = tmp_path / "zero3.json"
+        cfg.write_text('{"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}')
+        common += ["--deepspeed_config", cfg]
     port = 29700 + 10 * CASES.index(case)
     full = train_with_fault(*common, "--save_dir", tmp_path / "a", processes=procs, port=port,
                             fault={"snapshot_after_step": 4, "to": str(tmp_path / "b")})
@@ -85,6 +90,10 @@ def test_trains_saves_the_master_prefix_and_resumes_exactly(case, tiny_llama_dir
     ta, _, _ = load_prefix(tmp_path / "a" / "p.safetensors")
     tb, _, _ = load_prefix(tmp_path / "b" / "p.safetensors")
     torch.testing.assert_close(ta, tb, rtol=1e-6, atol=1e-6)
+    # the loss scaler's counters are saved, also where the ZeRO-0 16-bit optimizers keep them (loss_scale_config)
+    trainer = json.loads((tmp_path / "a" / "p.state" / "trainer.json").read_text())
+    if prec != "fp32":
+        assert trainer["loss_scaler"]["cur_iter"] == 7, trainer["loss_scaler"]
     # the state holds fp32 masters, not a 16-bit working copy (which bf16/fp16 would represent exactly) ...
     weights = load_file(str(tmp_path / "a" / "p.state" / "encoder.safetensors"))
     if prec != "fp32":

@@ -158,3 +158,28 @@ def test_state_survives_a_crash_between_renames(tmp_path):
     folder.rename(tmp_path / "p.state.old")  # the moment after the old state moved aside, before the new arrived
     found = find_state(folder)
     assert found == tmp_path / "p.state.old" and read_state(found)[3] == {"step": 4}
+
+
+def test_a_state_left_only_in_old_survives_the_next_save(tmp_path, monkeypatch):
+    """After a kill between the two renames only p.state.old is left; the next save must keep it until the new
+    state is in place: here that save dies at its last rename, and a whole state must still be found."""
+    import pathlib
+
+    from prefixtune.train.state import find_state, read_state, write_state
+
+    folder = tmp_path / "p.state"
+    rng = {"cpu.0": torch.get_rng_state()}
+    write_state(folder, {"encoder.w": torch.ones(2)}, torch.zeros(1), {}, rng, {"step": 4})
+    folder.rename(tmp_path / "p.state.old")
+    rename = pathlib.Path.rename
+
+    def dies_at_the_last_rename(self, target):
+        if ".tmp" in self.name:
+            raise KeyboardInterrupt  # stands for the kill
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", dies_at_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_state(folder, {"encoder.w": torch.full((2,), 2.0)}, torch.zeros(1), {}, rng, {"step": 6})
+    monkeypatch.undo()
+    assert read_state(find_state(folder))[3] == {"step": 4}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -270,11 +271,18 @@ def save_best(run: Run, params: dict) -> None:
         _on_disk_full(e, "prefix", run, table.numel() * 4)
 
 
+def run_settings(run: Run) -> dict:
+    """What DeepSpeed resolved from flags and config file that moves the loss curve: a resume must keep it."""
+    cfg = run.ds_cfg
+    return {"precision": precision(cfg), "zero_stage": cfg["zero_optimization"]["stage"], "offload": offloads(cfg),
+            "gradient_clipping": cfg["gradient_clipping"]}
+
+
 def save_state(run: Run, step: int, best: float, params: dict, moments: dict, scaler: dict, rng: dict) -> None:
     if run.rank == 0:
         trainer = {"step": step, "optimizer_steps": optimizer_step_count(run.engine), "best_dev_loss": best,
                    "loss_scaler": scaler, "global_batch": run.global_batch, "n_train": len(run.train_ex),
-                   "world_size": run.world, "args": vars(run.args)}
+                   "world_size": run.world, **run_settings(run), "args": vars(run.args)}
         try:
             write_state(run.out.state, params, run.anchor_fp32, moments, rng, trainer)
         except (OSError, SafetensorError) as e:
@@ -290,9 +298,13 @@ def resume(run: Run) -> tuple[int, float]:
     folder = find_state(run.out.state)
     try:
         params, moments, rng, trainer = read_state(folder)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --resume: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise SystemExit(f"error: --resume: {folder} is damaged ({one_line(e)}); start afresh with --overwrite") \
+            from None
     problems = resume_mismatches(trainer.get("args", {}), run.args, trainer.get("world_size", run.world), run.world)
+    for key, now in run_settings(run).items():
+        if key in trainer and trainer[key] != now:
+            problems.append(f"{key}: the state has {trainer[key]!r}, this run {now!r}")
     have = dict(run.named)
     for n, t in params.items():
         if n in have and tuple(t.shape) != tuple(getattr(have[n], "ds_shape", have[n].shape)):
@@ -305,8 +317,12 @@ def resume(run: Run) -> tuple[int, float]:
         problems.append(f"the saved run used {trainer['n_train']} examples in steps of {trainer['global_batch']}, "
                         f"this one {len(run.train_ex)} in steps of {run.global_batch}")
     if problems:
-        raise SystemExit(f"error: --resume: {folder} is the state of another run:\n  " + "\n  ".join(problems)
-                         + "\nresume with the same arguments, or start afresh with --overwrite")
+        raise SystemExit(f"error: --resume: {folder} is the state of another run ({'; '.join(problems)}): resume "
+                         "with the same arguments, or start afresh with --overwrite")
+    # the anchor as the run began: recomputing it under another precision or library version would move it
+    run.anchor_fp32 = params.pop("anchor")
+    with torch.no_grad():
+        run.engine.module.encoder.anchor.copy_(run.anchor_fp32)
     restore_state(run.engine, run.named, params, moments, trainer, rng)
     step, best = trainer["step"], trainer["best_dev_loss"]
     run.log.truncate_metrics(step)
@@ -316,8 +332,10 @@ def resume(run: Run) -> tuple[int, float]:
 
 def start(run: Run) -> tuple[int, float]:
     """Fresh run: the starting prefix is the one to beat, and is kept if nothing beats it."""
-    if run.rank == 0:
+    if run.rank == 0:  # under the lock: nothing of an earlier run (--overwrite) may be resumed into this one
         run.log.metrics_path.unlink(missing_ok=True)
+        for old in (run.out.state, run.out.state.with_name(run.out.state.name + ".old")):
+            shutil.rmtree(old, ignore_errors=True)
     best = evaluate(run)
     save_best(run, gather_params(run.engine, run.named))  # collective under ZeRO
     run.log(f"step 0: dev loss {best:.4f} ppl {math.exp(min(best, 50)):.2f}")

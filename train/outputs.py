@@ -46,8 +46,9 @@ class Outputs:
         """Temporaries of a run that was killed mid-save (only the lock holder may call this)."""
         for p in self.folder.glob(f"{self.name}.state.tmp*"):
             shutil.rmtree(p, ignore_errors=True)
-        for p in self.folder.glob(f".{self.name}.safetensors.*.tmp"):
-            p.unlink(missing_ok=True)
+        for pattern in (f".{self.name}.safetensors.*.tmp", f".{self.name}.metrics.jsonl.*.tmp"):
+            for p in self.folder.glob(pattern):
+                p.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -118,9 +119,17 @@ class Log:
             print(msg, flush=True)
 
     def metrics(self, row: dict) -> None:
-        if self.on:
+        if not self.on:
+            return
+        line = json.dumps(row) + "\n"
+        try:
             with self.metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(line)
+        except OSError as e:
+            msg = no_space_message(e, "metrics", self.metrics_path.parent, len(line))
+            if msg is None:
+                raise
+            raise SystemExit(msg) from None
 
     def truncate_metrics(self, last_step: int) -> None:
         """On resume: forget the steps after the saved state (they run again) and a line cut by a kill."""
@@ -134,5 +143,12 @@ class Log:
                 continue
             if row["step"] <= last_step:
                 keep.append(line)
-        with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(r + "\n" for r in keep), encoding="utf-8")
+        text = "".join(r + "\n" for r in keep)
+        try:
+            with atomic_path(self.metrics_path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        except OSError as e:
+            msg = no_space_message(e, "metrics", self.metrics_path.parent, len(text))
+            if msg is None:
+                raise
+            raise SystemExit(msg) from None

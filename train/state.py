@@ -82,6 +82,13 @@ def _full_moment(engine, p, key) -> torch.Tensor:
     return torch.zeros(p.shape) if v is None else v.float().cpu().clone()
 
 
+def _loss_scaler(engine):
+    """The object holding fp16's dynamic loss scale: ZeRO's `loss_scaler`; the ZeRO-0 fp16 optimizers keep it in
+    `loss_scale_config` (without it a resume restarted at 2**16 and skipped other overflow steps)."""
+    opt = engine.optimizer
+    return getattr(opt, "loss_scaler", None) or getattr(opt, "loss_scale_config", None)
+
+
 def optimizer_step_count(engine) -> int:
     """Optimizer steps taken (Adam's bias-correction counter)."""
     for st in _base_optimizer(engine).state.values():
@@ -121,7 +128,7 @@ def gather_state(engine, named_params) -> tuple[dict, dict, dict, dict]:
     ensure_optimizer_state(engine)
     params = gather_params(engine, named_params)
     moments = {f"{k}/{n}": _full_moment(engine, p, k) for n, p in named_params for k in MOMENTS}
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scaler = _loss_scaler(engine)
     fields = {f: getattr(scaler, f) for f in SCALER_FIELDS if scaler is not None and hasattr(scaler, f)}
     fields = {k: (v.item() if torch.is_tensor(v) else v) for k, v in fields.items()}
     return params, moments, fields, gather_rng()
@@ -155,6 +162,8 @@ def write_state(folder: Path, params: dict, anchor: torch.Tensor, moments: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and old.is_dir():
+        old.rename(folder)  # a kill between the renames left the only state in .old: keep it until the new one is in
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -219,9 +228,10 @@ def restore_state(engine, named_params, params: dict, moments: dict, trainer: di
     for st in base.state.values():
         if "step" in st:
             st["step"] = type(st["step"])(step) if not torch.is_tensor(st["step"]) else torch.tensor(float(step))
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    scaler = _loss_scaler(engine)
     for f, v in trainer.get("loss_scaler", {}).items():
-        setattr(scaler, f, v)
+        if scaler is not None and hasattr(scaler, f):
+            setattr(scaler, f, v)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.set_rng_state(rng.get(f"cpu.{rank}", rng.get("cpu")))
     cuda = rng.get(f"cuda.{rank}", rng.get("cuda"))
