@@ -179,11 +179,69 @@ def read_prompts(path: str) -> list[dict]:
     return [row for _, row in read_prompt_lines(path)]
 
 
+def stop_tokens(model) -> tuple[int, ...]:
+    """The tokens that end generation as model.generate would end it: the generation config's eos token(s)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return tuple(int(t) for t in eos if t is not None and int(t) >= 0)
+
+
+def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_size: int, where: list[str]) -> list[str]:
+    """Complete every row ({"prompt", "task"}, task None = base) through the serving engine: rows of all tasks share
+    the batches (up to `batch_size` running at once; a finished row's place goes to the next one at once).
+    Sampling draws from one generator per row, seeded from torch's global generator (--seed), so a row's
+    completion does not depend on the rows around it."""
+    from tqdm import tqdm
+
+    from prefixtune.serve.engine import Engine, GenRequest, QueueFull
+
+    engine = Engine(gen.model, gen.tok, max_batch_size=batch_size, max_queue=max(1, len(rows)))
+    for name, (table, shape) in gen.tasks.items():
+        engine.add_task(name, table, shape)
+    stop = stop_tokens(gen.model)
+    seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
+    outs: list[list[int]] = [[] for _ in rows]
+    ends: list[str | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="generate", unit="prompt", file=sys.stderr)
+
+    def collector(i):
+        def on_token(token, reason):
+            if token is not None:
+                outs[i].append(token)
+            else:
+                ends[i] = reason
+                bar.update(1)
+        return on_token
+
+    try:
+        for i, (row, at) in enumerate(zip(rows, where)):
+            ids = gen.tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise SystemExit(f"error: {at}: the prompt is empty (no tokens): give some text")
+            req = GenRequest(ids, task=row["task"], max_new_tokens=sampling.max_new_tokens,
+                             temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
+                             top_k=sampling.top_k or 0, seed=seeds[i], stop_token_ids=stop)
+            try:
+                engine.submit(req, collector(i))
+            except (ValueError, QueueFull) as e:
+                raise SystemExit(f"error: {at}: {' '.join(str(e).split())}") from None
+        engine.start()
+        engine.shutdown(drain=True)  # returns once every row has finished
+    finally:
+        engine.shutdown(drain=False)
+        bar.close()
+    for at, end in zip(where, ends):
+        if end is None or end.startswith("error") or end == "cancelled":
+            raise SystemExit(f"error: {at}: generation failed ({end or 'no result'})")
+    # as Generator.generate: max_new_tokens can cut a character that spans several tokens; drop the incomplete tail
+    return [gen.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd") for ids in outs]
+
+
 def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, batch_size: int, output,
           where: list[str] | None = None) -> None:
     """Generate for every row; `where` names each row in errors (default: 'prompt N')."""
-    from tqdm import tqdm
-
     where = where or [f"prompt {i + 1}" for i in range(len(rows))]
     for row, at in zip(rows, where):
         t = row.get("task", default_task)
@@ -195,16 +253,9 @@ def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, ba
         problem = gen.length_problem(n_tokens, row["task"], sampling.max_new_tokens)
         if problem:
             raise SystemExit(f"error: {at}: {problem}")
-    by_task: dict = {}
-    for i, row in enumerate(rows):
-        by_task.setdefault(row["task"], []).append(i)
-    with tqdm(total=len(rows), desc="generate", unit="prompt", file=sys.stderr) as bar:
-        for t, idx in by_task.items():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                for i, text in zip(chunk, gen.generate([rows[i]["prompt"] for i in chunk], t, sampling)):
-                    rows[i]["completion"] = text
-                bar.update(len(chunk))
+    completions = generate_rows(gen, rows, sampling, batch_size, where)
+    for row, text in zip(rows, completions):
+        row["completion"] = text
     text = "".join(json.dumps({**r, "task": r["task"] or "base"}, ensure_ascii=False) + "\n" for r in rows)
     if output:
         with atomic_path(output) as tmp:

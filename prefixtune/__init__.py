@@ -7,6 +7,7 @@ user's working directory (most ML folders have a `data/`) can shadow it:
     prefixtune.train    <- train/    arguments, DeepSpeed config, training loop, resume state, demo
     prefixtune.data     <- data/     JSONL records, smileface, the built-in data
     prefixtune.convert  <- convert/  FasterTransformer export and verification, Triton, PEFT/rinna interchange
+    prefixtune.serve    <- serve/    the OpenAI-compatible multi-task server (prefix_serve)
 
 `train` is also installed under its own name, only so that `deepspeed --module train` (the launcher's spelling of
 `python -m train`) keeps working; `python -m prefixtune.train` is the same program.

@@ -1,0 +1,168 @@
+"""`prefix_serve`: an OpenAI-compatible HTTP server over one frozen base model, where `model` picks a task (prefix).
+
+    prefix_serve --prefix runs/smileface.safetensors runs/polite.safetensors --port 8000
+    prefix_serve --model PATH --prefix_dir prefixes/ --api_key KEY      # DIR/<task>.safetensors load on first use
+    python -m prefixtune.serve --help
+
+Clients use any OpenAI SDK: client.completions.create(model="smileface", prompt=...); model = the base model's id
+(see GET /v1/models) or "base" for no prefix. Tasks load and unload at run time with POST /v1/load_lora_adapter
+{"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}. SIGTERM finishes the requests in flight,
+answers new ones with 503, then exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("prefixtune.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prefix_serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", "--pretrained_model_dir", dest="model", default=None,
+                   help="base model: HF folder or hub name, a .gguf file, or 'smollm2' (default: the base_model "
+                        "stored in the --prefix files, else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prefix", nargs="*", default=[], metavar="FILE",
+                   help="prefix .safetensors files, one task each, named by their header field task")
+    p.add_argument("--prefix_dir", default=None, metavar="DIR",
+                   help="folder of prefix files: a request for model NAME loads DIR/NAME.safetensors on first use "
+                        "(checked against the base like --prefix)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--api_key", "--api-key", dest="api_key", default=os.environ.get("PREFIX_SERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PREFIX_SERVE_API_KEY; unset = "
+                        "no key)")
+    p.add_argument("--served_model_name", "--served-model-name", dest="served_model_name", default=None,
+                   help="the base model's id in the API (default: --model as given, else the prefixes' "
+                        "base_model, else 'smollm2')")
+    p.add_argument("--engine", choices=["auto", "batched", "sequential"], default="auto",
+                   help="batched: serve/engine.py (many tasks in one batch); sequential: one request at a time "
+                        "(the baseline); auto: batched when serve/engine.py exists")
+    p.add_argument("--max_batch_size", type=int, default=16, help="most requests the batched engine runs at once")
+    p.add_argument("--max_queue", type=int, default=256,
+                   help="most requests waiting for a batch slot; past it requests get 429")
+    p.add_argument("--route", default="auto",
+                   help="the batched engine's route: auto, paged (transformers' continuous batching) or padded (see "
+                        "serve/engine.py); the sequential engine ignores it")
+    p.add_argument("--max_model_len", "--max-model-len", dest="max_model_len", type=int, default=None,
+                   help="most positions per request, prefix + prompt + max_tokens (default and upper bound: the "
+                        "model's own)")
+    p.add_argument("--chat_template", "--chat-template", dest="chat_template", default=None,
+                   help="Jinja chat template (a file, or the template itself) for /v1/chat/completions, for a "
+                        "tokenizer without one or to replace it")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="precision of the base model; auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on "
+                        "CPUs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="serve prefixes trained on another base_model than the one served (shapes are still "
+                        "checked)")
+    p.add_argument("--drain_timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight before exiting")
+    p.add_argument("--log_level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="log level of the server and of uvicorn's access log")
+    return p
+
+
+def engine_class(name: str):
+    from .sequential import SequentialEngine
+
+    if name == "sequential":
+        return SequentialEngine
+    try:
+        from .engine import Engine
+    except ModuleNotFoundError as e:
+        if name == "batched" or e.name not in ("prefixtune.serve.engine", "serve.engine"):
+            raise
+        log.info("serve/engine.py is not there: using the sequential engine")
+        return SequentialEngine
+    return Engine
+
+
+def _dtype(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    if str(device).startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def build(args, engine_cls=None):
+    """Load the base model and --prefix files and build the app: (app, engine). One-line ValueError or
+    FileNotFoundError on anything refused."""
+    from prefixtune.prefix.base import load_base, load_config
+    from prefixtune.prefix.inference import check_prefixes, choose_model, load_prefixes
+
+    from .app import ServeOptions, create_app
+
+    for flag in ("max_batch_size", "max_queue", "port"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise ValueError(f"expected --{flag} of at least 1, got {getattr(args, flag)}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError(f"expected --max_model_len of at least 2, got {args.max_model_len}")
+    if args.prefix_dir is not None and not Path(args.prefix_dir).is_dir():
+        raise FileNotFoundError(f"--prefix_dir {args.prefix_dir}: no such folder")
+    loaded = load_prefixes(args.prefix)
+    model = choose_model(args.model, loaded)
+    config = load_config(model)
+    check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
+    base, tok, display = load_base(model, _dtype(args.dtype, args.device), args.device, config=config)
+    if args.chat_template:
+        path = Path(args.chat_template)
+        tok.chat_template = path.read_text(encoding="utf-8") if path.is_file() else args.chat_template
+    base_id = args.served_model_name or (args.model if args.model is not None else display)
+    engine = (engine_cls or engine_class(args.engine))(base, tok, max_batch_size=args.max_batch_size,
+                                                       max_queue=args.max_queue, route=args.route)
+    sources = {}
+    for path, (table, shape, meta) in loaded:
+        name = meta.get("task") or str(path)
+        if name == base_id:
+            raise ValueError(f"--prefix {path}: task {name!r} is the base model's id; rename the task: "
+                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
+        engine.add_task(name, table, shape)
+        sources[name] = str(path)
+    eos = {tok.eos_token_id} | set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
+    options = ServeOptions(model_ref=model, config=config, api_key=args.api_key or None, prefix_dir=args.prefix_dir,
+                           allow_other_base=args.allow_other_base, max_model_len=args.max_model_len,
+                           drain_timeout=args.drain_timeout,
+                           stop_token_ids=tuple(sorted(int(t) for t in eos if t is not None)),
+                           vocab_size=base.get_input_embeddings().num_embeddings, sources=sources)
+    return create_app(engine, tok, base_id, options), engine
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from prefixtune.prefix.base import one_line
+
+    from .server import PrefixServer
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app, engine = build(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    state = app.state.serve
+    log.info("serving %s (%s engine) with tasks: %s on http://%s:%d", state.base_id, type(engine).__name__,
+             ", ".join(engine.tasks()) or "none", args.host, args.port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    PrefixServer(config, drain_timeout=args.drain_timeout).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

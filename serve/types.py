@@ -1,0 +1,39 @@
+"""What the server and an engine exchange: a generation request and the errors `Engine.submit` raises.
+
+Both engines (`serve/engine.py`, the batched one, and `serve/sequential.py`, one request at a time) import these, so
+the HTTP layer (`serve/app.py`) works with either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    task: str | None = None          # None = the bare base model
+    max_new_tokens: int = 16
+    temperature: float = 0.0         # 0 = greedy (as in vLLM)
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # a stop token ends the request ("stop") and is not emitted
+    top_k: int = 0                   # 0 = off; the batched engine applies it (prefix_inference --top_k)
+
+
+class QueueFull(Exception):
+    """`submit` refused a request: the waiting queue already holds `max_queue` requests (HTTP 429)."""
+
+
+class UnknownTask(KeyError):
+    """`submit` or `remove_task` named a task that is not loaded (or is being removed)."""
+
+    def __str__(self) -> str:  # KeyError would show the repr of its argument
+        return str(self.args[0]) if self.args else "unknown task"
+
+
+class EngineStopped(RuntimeError):
+    """`submit` after `shutdown` began: the engine takes no new requests (HTTP 503)."""
+
+
+# How a request ends: the last on_token call is on_token(None, reason) with one of these, or "error: <message>".
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
