@@ -67,7 +67,8 @@ def test_trains_saves_the_master_prefix_and_resumes_exactly(case, tiny_llama_dir
     stage, prec, offload, ckpt, procs = case
     why = unsupported_precision(prec)
     if why:
-        pytest.skip(f"this machine cannot train in {prec}: {why.split(':')[0]}; test_unsupported_precision_is_refused_up_front covers the refusal")
+        pytest.skip(f"this machine cannot train in {prec}: {why.split(':')[0]}; "
+                    "test_unsupported_precision_is_refused_up_front covers the refusal")
     common = ["--model", tiny_llama_dir, "--data", text_jsonl, *TINY, *flags_of(stage, prec, offload, ckpt),
               "--save_name", "p"]
     if stage == 3:  # partition every parameter: by default DeepSpeed keeps tensors under 1e5 values whole
