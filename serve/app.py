@@ -322,6 +322,9 @@ class ServeState:
             raise ApiError(404, f"The model `{task}` does not exist.", param="model",
                            code="model_not_found") from None
         except EngineStopped:
+            if getattr(self.engine, "_fatal", None):
+                raise ApiError(500, "the generation engine has stopped; restart the server",
+                               code="engine_stopped") from None
             raise ApiError(503, "the server is shutting down", code="server_shutting_down") from None
         except ValueError as e:
             raise ApiError(400, one_line(e)) from None
@@ -487,7 +490,8 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
 
     @app.get("/health")
     async def health():
-        return Response(status_code=200)
+        # a dead engine thread answers every request with an error: say so, so an orchestrator restarts the process
+        return Response(status_code=503 if getattr(engine, "_fatal", None) else 200)
 
     @app.get("/metrics")
     async def metrics():

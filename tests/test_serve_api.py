@@ -635,3 +635,49 @@ def test_sigterm_drains_then_exits(tiny_llama_dir, tables, tok):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_health_says_when_the_engine_died():
+    """A dead engine thread must not look healthy: /health is 503 and requests get a 500 that says to restart."""
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serve.app import ServeOptions, create_app
+    from prefixtune.serve.types import EngineStopped
+
+    class Dead:
+        max_context = 64
+        _fatal = "RuntimeError: boom"
+
+        def tasks(self):
+            return {}
+
+        def stats(self):
+            return {"running": {}, "waiting": {}}
+
+        def submit(self, req, on_token):
+            raise EngineStopped("the engine has stopped")
+
+        def start(self):
+            pass
+
+        def shutdown(self, drain=True, timeout=None):
+            pass
+
+    class Tok:
+        eos_token_id = 2
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6, 7]}
+
+        def decode(self, ids, **kw):
+            return "x" * len(ids)
+
+        def __len__(self):
+            return 100
+
+    app = create_app(Dead(), Tok(), "tiny", ServeOptions())
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 500 and "restart" in r.json()["error"]["message"]
