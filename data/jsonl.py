@@ -27,7 +27,8 @@ def parse_record(obj, where: str) -> dict:
     raise DataError(f"{where}: expected a field 'text', or 'prompt' and 'completion'; got fields {sorted(obj)}")
 
 
-def read_jsonl(path) -> list[dict]:
+def iter_json_lines(path):
+    """(line number, parsed JSON) for every non-blank line of a UTF-8 JSONL file; DataError naming file:line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -39,7 +40,6 @@ def read_jsonl(path) -> list[dict]:
         if head.startswith(bom):
             raise DataError(f"{path}: the file is {name} text (it starts with a {name} byte-order mark); JSONL must "
                             f"be UTF-8: convert it, e.g. iconv -f {name} -t UTF-8 {path} > fixed.jsonl")
-    records = []
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -51,10 +51,13 @@ def read_jsonl(path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            records.append(parse_record(obj, where))
+
+
+def read_jsonl(path) -> list[dict]:
+    records = [parse_record(obj, f"{path}:{n}") for n, obj in iter_json_lines(path)]
     if not records:
         raise DataError(f"{path}: no records (the file is empty)")
     return records

@@ -153,25 +153,16 @@ def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool
 
 def read_prompt_lines(path: str) -> list[tuple[int, dict]]:
     """(line number, {"prompt", "task"?}) for each non-blank line of a JSONL file; SystemExit on a bad line."""
+    from prefixtune.data.jsonl import DataError, iter_json_lines
+
     rows = []
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise SystemExit(f"error: --input {path}: cannot read it ({e.strerror or e})") from None
-    for n, raw in enumerate(data.splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise SystemExit(f"error: {path}:{n}: not valid UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise SystemExit(f"error: {path}:{n}: expected an object with a string field 'prompt'")
-        rows.append((n, obj))
+        for n, obj in iter_json_lines(path):
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise SystemExit(f"error: {path}:{n}: expected an object with a string field 'prompt'")
+            rows.append((n, obj))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     return rows
 
 
