@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,23 +91,7 @@ def _unreadable(path: Path, e: BaseException) -> ValueError:
                       "from-rinna/from-peft")
 
 
-def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
-    """Read and check a prefix file: (table [P, width] fp32, shape, metadata). Every error is a one-line
-    FileNotFoundError or ValueError that names the file. The file is never unpickled."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prefix file {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"{path}: expected a prefix .safetensors file, got a folder")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-            if "prefix" not in keys:
-                raise ValueError(f"{path}: no tensor 'prefix' (found {keys}); is this a prefixtune prefix file?")
-            table = f.get_tensor("prefix").float()
-    except (OSError, RuntimeError, SafetensorError) as e:
-        raise _unreadable(path, e) from e
+def _header_shape(path: Path, meta: dict) -> PrefixShape:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: header field format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -118,9 +103,36 @@ def load_prefix(path) -> tuple[torch.Tensor, PrefixShape, dict]:
         raise ValueError(f"{path}: header lacks a valid {e} field") from e
     if min(shape.as_dict().values()) < 1:
         raise ValueError(f"{path}: header gives a dimension below 1: {shape.as_dict()}")
-    if tuple(table.shape) != (shape.prefix_len, shape.width):
-        raise ValueError(f"{path}: tensor 'prefix' has shape {tuple(table.shape)}, "
-                         f"but the header says {(shape.prefix_len, shape.width)}")
+    return shape
+
+
+def load_prefix(path, check: Callable[[PrefixShape, dict], None] | None = None
+                ) -> tuple[torch.Tensor, PrefixShape, dict]:
+    """Read and check a prefix file: (table [P, width] fp32, shape, metadata). Every error is a one-line
+    FileNotFoundError or ValueError that names the file. The file is never unpickled, and the tensor is read only
+    once the header and the tensor's declared shape agree and `check(shape, meta)` (the caller's test against its
+    base; meta["train_args"] still a string) has passed: a wrong or huge file costs a header read, not its size."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prefix file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path}: expected a prefix .safetensors file, got a folder")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            if "prefix" not in keys:
+                raise ValueError(f"{path}: no tensor 'prefix' (found {keys}); is this a prefixtune prefix file?")
+            shape = _header_shape(path, meta)
+            stored = tuple(f.get_slice("prefix").get_shape())
+            if stored != (shape.prefix_len, shape.width):
+                raise ValueError(f"{path}: tensor 'prefix' has shape {stored}, "
+                                 f"but the header says {(shape.prefix_len, shape.width)}")
+            if check is not None:
+                check(shape, meta)
+            table = f.get_tensor("prefix").float()
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise _unreadable(path, e) from e
     if not torch.isfinite(table).all():
         raise ValueError(f"{path}: expected finite numbers, got NaN or infinity in tensor 'prefix' "
                          "(did training diverge?); use an earlier prefix or retrain with a lower --max_lr")

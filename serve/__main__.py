@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix_dir", default=None, metavar="DIR",
                    help="folder of prefix files: a request for model NAME loads DIR/NAME.safetensors on first use "
                         "(checked against the base like --prefix)")
+    p.add_argument("--load_from", nargs="*", default=[], metavar="DIR",
+                   help="folders whose prefix files POST /v1/load_lora_adapter may load, besides --prefix_dir "
+                        "(a lora_path anywhere else is refused with 403; without either, loading by path is off)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api_key", "--api-key", dest="api_key", default=os.environ.get("PREFIX_SERVE_API_KEY"),
@@ -130,6 +133,7 @@ def build(args, engine_cls=None):
         sources[name] = str(path)
     eos = {tok.eos_token_id} | set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
     options = ServeOptions(model_ref=model, config=config, api_key=args.api_key or None, prefix_dir=args.prefix_dir,
+                           load_from=tuple(args.load_from),
                            allow_other_base=args.allow_other_base, max_model_len=args.max_model_len,
                            drain_timeout=args.drain_timeout,
                            stop_token_ids=tuple(sorted(int(t) for t in eos if t is not None)),

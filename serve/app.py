@@ -49,6 +49,7 @@ class ServeOptions:
     config: Any = None                 # the base model's config: check_compatible (prefix shapes)
     api_key: str | None = None         # required as "Authorization: Bearer KEY" on /v1/* when set
     prefix_dir: str | None = None      # DIR/<task>.safetensors becomes a task on its first request
+    load_from: tuple[str, ...] = ()    # folders load_lora_adapter may read from (besides prefix_dir)
     allow_other_base: bool = False     # accept prefixes trained on another base_model (shapes still checked)
     max_model_len: int | None = None   # cap on engine.max_context
     drain_timeout: float = 30.0        # seconds shutdown waits for in-flight requests
@@ -124,7 +125,10 @@ class _Run:
             elif reason == "cancelled":
                 self.finish = "abort"
             else:
-                self.finish, self.error = "error", str(reason).removeprefix("error:").strip() or "engine error"
+                detail = str(reason).removeprefix("error:").strip() or "engine error"
+                ref = f"err-{uuid.uuid4().hex[:12]}"
+                log.error("request %s (%s) failed: %s", ref, self.label, detail)
+                self.finish, self.error = "error", f"{ref}, the server log has the details"
             return
 
     def close(self) -> None:
@@ -188,14 +192,23 @@ class ServeState:
         return self._locks.setdefault(name, asyncio.Lock())
 
     def _read_checked(self, name: str, path: str):
-        """Read a prefix file and check it against the served base (a worker thread: it reads the file)."""
-        table, shape, meta = load_prefix(path)
-        check_task_name(path, name)
-        if self.options.config is not None:
-            check_compatible(path, shape, meta, self.options.config)
-        if not check_base_model(path, meta, self.options.model_ref, self.options.allow_other_base):
-            log.warning("%s was trained on %s; serving it on %s (--allow_other_base)", path,
-                        meta.get("base_model") or "smollm2", self.base_id)
+        """Read a prefix file and check it against the served base (a worker thread: it reads the file). Everything
+        is checked on the header before the table is read."""
+        other = []
+
+        def check(shape, meta):
+            check_task_name(path, name)
+            if self.options.config is not None:
+                check_compatible(path, shape, meta, self.options.config)
+            if shape.prefix_len >= self.max_context:
+                raise ValueError(f"{path}: prefix length {shape.prefix_len} leaves no room in this model's "
+                                 f"{self.max_context} positions")
+            if not check_base_model(path, meta, self.options.model_ref, self.options.allow_other_base):
+                other.append(meta.get("base_model") or "smollm2")
+
+        table, shape, _ = load_prefix(path, check)
+        if other:
+            log.warning("%s was trained on %s; serving it on %s (--allow_other_base)", path, other[0], self.base_id)
         return table, shape
 
     async def load_task(self, name: str, path: str, replace: bool = False) -> None:
@@ -213,6 +226,19 @@ class ServeState:
                 raise ApiError(400, f"cannot load task {name!r}: {one_line(e)}", param="lora_path") from None
             self.sources[name] = str(path)
         log.info("task %s loaded from %s", name, path)
+
+    def check_load_path(self, path: str) -> None:
+        """load_lora_adapter reads files on the server: only inside --prefix_dir or a --load_from folder (after
+        resolving links and '..'), so an API key holder cannot make the server read arbitrary paths."""
+        roots = [r for r in (self.options.prefix_dir, *self.options.load_from) if r]
+        if not roots:
+            raise ApiError(403, "loading prefixes by path is off on this server: start it with --load_from DIR "
+                           "(or --prefix_dir DIR) to allow files in DIR", param="lora_path", type="permission_error")
+        target = Path(path).expanduser().resolve()
+        if not any(target.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
+            raise ApiError(403, f"lora_path {path} is outside the folders this server loads from "
+                           f"({', '.join(roots)}); move the file there or add its folder with --load_from",
+                           param="lora_path", type="permission_error")
 
     def dir_file(self, name: str) -> Path | None:
         """--prefix_dir's file for task `name`, if there is one."""
@@ -405,8 +431,9 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
-        log.exception("internal error")
-        return _error_response(ApiError(500, f"internal server error: {one_line(e)}"))
+        ref = f"err-{uuid.uuid4().hex[:12]}"
+        log.exception("internal error %s", ref)  # the text may hold paths and internals: the log has it, not the client
+        return _error_response(ApiError(500, f"internal server error {ref} (the server log has the details)"))
 
     async def generate(request: Request, body, kind: str):
         arrived = time.perf_counter()
@@ -470,6 +497,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: Request):
         body = parse(LoadAdapterRequest, await _json_body(request))
+        state.check_load_path(body.lora_path)
         await state.load_task(body.lora_name, body.lora_path, replace=body.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -480,11 +508,17 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         if state.reserved(name):
             raise ApiError(400, f"{name!r} is the base model, not a task", param="lora_name")
         try:
-            await asyncio.to_thread(engine.remove_task, name)
+            # bounded: a request that never ends must not hold this worker thread (and the client) forever
+            gone = await asyncio.to_thread(engine.remove_task, name, state.options.drain_timeout)
         except UnknownTask:
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                            code="model_not_found") from None
         state.sources.pop(name, None)
+        if not gone:
+            log.info("task %s: refusing new requests; unloads when its last request ends", name)
+            return PlainTextResponse(f"Accepted: LoRA adapter '{name}' takes no new requests and is removed when its "
+                                     f"requests in flight end (still running after {state.options.drain_timeout:g} s)",
+                                     status_code=202)
         log.info("task %s unloaded", name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 

@@ -67,8 +67,9 @@ Two routes compute the same tokens (greedy outputs are token-equal to `Generator
 2. "padded": a scheduler of ours over one batched `DynamicCache`, used when the paged route cannot serve (another
    transformers version, an attention implementation continuous batching refuses, or its construction fails) or
    when asked for. Per step: one decode forward for every running row, then one prefill forward for the requests that
-   join, whose cache is merged into the batch; rows that finish are dropped and the all-padding columns on the left
-   are cut (compaction). Prefixes of different P are left-padded, the mask is 0 on padding, position ids come from
+   join (at most `max_batch_tokens`, default 4096, padded tokens, the first always), whose cache is merged into the
+   batch; rows that finish are dropped and the all-padding columns on the left are cut (compaction). A step that
+   fails fails only its own requests: a failed prefill leaves the running rows decoding. Prefixes of different P are left-padded, the mask is 0 on padding, position ids come from
    the mask's cumsum, so real tokens sit at P_i + index:
          prefill cache (J joiners):  (J, H_kv, Pmax, D) per layer; row i = [zeros(Pmax-P_i) | prefix_i]
          prefill mask:               (J, Pmax+Tmax) = [0.. | 1 x P_i | 0.. | 1 x T_i]
@@ -424,7 +425,7 @@ class _PagedRoute:
 class _PaddedRoute:
     name = "padded"
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_prefill_tokens: int = 4096):
         self.e = engine
         self.capacity = None
         self.rows: list[_Live] = []
@@ -435,6 +436,7 @@ class _PaddedRoute:
         pad = getattr(engine.tokenizer, "pad_token_id", None) if engine.tokenizer is not None else None
         self.pad_id = int(pad) if pad is not None else 0
         self.attn_implementation = model.config._attn_implementation
+        self.max_prefill_tokens = max_prefill_tokens  # padded tokens one prefill step may hold (the first always)
 
     def prepare_kv(self, kv: torch.Tensor) -> torch.Tensor:  # (L, 2, H, P, D) on the device, model dtype
         return kv.to(self.e.device, self.e.dtype).contiguous()
@@ -521,12 +523,12 @@ class _PaddedRoute:
             shape[dim] = width - x.shape[dim]
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-        self.layers = [(torch.cat([left_pad(k0, s, 2), left_pad(k1, s, 2)]),
-                        torch.cat([left_pad(v0, s, 2), left_pad(v1, s, 2)]))
-                       for (k0, v0), (k1, v1) in zip(self.layers, layers)]
-        self.mask = torch.cat([left_pad(self.mask, s, 1), left_pad(mask, s, 1)])
-        self.pos = torch.cat([self.pos, pos])
-        self.next_token = torch.cat([self.next_token, next_token])
+        # everything is built before anything is assigned: a failure here (out of memory) leaves the batch whole
+        merged = [(torch.cat([left_pad(k0, s, 2), left_pad(k1, s, 2)]), torch.cat([left_pad(v0, s, 2), left_pad(v1, s, 2)]))
+                  for (k0, v0), (k1, v1) in zip(self.layers, layers)]
+        merged_mask = torch.cat([left_pad(self.mask, s, 1), left_pad(mask, s, 1)])
+        merged_pos, merged_next = torch.cat([self.pos, pos]), torch.cat([self.next_token, next_token])
+        self.layers, self.mask, self.pos, self.next_token = merged, merged_mask, merged_pos, merged_next
         self.rows = self.rows + list(joiners)
 
     def _compact(self) -> None:
@@ -548,6 +550,21 @@ class _PaddedRoute:
     def cancel(self, live: _Live) -> None:
         pass  # the row is dropped at the next compaction (the engine thread finishes the request)
 
+    def _step(self, step, lives: list[_Live], reset: bool) -> None:
+        """Run one decode or prefill step; if it fails, only its own requests fail. A failed decode leaves the batch
+        state unusable (reset); a failed prefill never touched it (_merge assigns only once everything is built),
+        so the running rows go on."""
+        try:
+            step()
+            self._compact()
+        except Exception as exc:  # noqa: BLE001 - one failed step fails its requests, not the engine
+            logger.exception("padded route: a %s step failed", "decode" if reset else "prefill")
+            for live in lives:
+                if not live.done:
+                    self.e._finish(live, f"error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            if reset:
+                self.rows, self.layers, self.mask = [], [], None
+
     def ready(self) -> bool:
         return True
 
@@ -560,20 +577,11 @@ class _PaddedRoute:
                 except queue.Empty:
                     break
             self._compact()
-            joiners = e._take(e.max_batch_size - len(self.rows))
-            try:
-                if self.rows:
-                    self._decode()
-                    self._compact()
-                if joiners:
-                    self._prefill(joiners)
-                    self._compact()
-            except Exception as exc:  # noqa: BLE001 - one failed step fails its requests, not the engine
-                logger.exception("padded route: a step failed")
-                for live in [*self.rows, *joiners]:
-                    if not live.done:
-                        e._finish(live, f"error: {type(exc).__name__}: {' '.join(str(exc).split())}")
-                self.rows, self.layers, self.mask = [], [], None
+            joiners = e._take(e.max_batch_size - len(self.rows), self.max_prefill_tokens)
+            if self.rows:
+                self._step(self._decode, self.rows, reset=True)
+            if joiners:
+                self._step(lambda: self._prefill(joiners), joiners, reset=False)
             if not self.rows and not joiners:
                 if e._stopping and e._idle():
                     return
@@ -633,7 +641,7 @@ class Engine:
 
     def _make_route(self, route, page_size, cache_tokens, max_batch_tokens):
         if route == "padded":
-            return _PaddedRoute(self)
+            return _PaddedRoute(self, max_batch_tokens or 4096)
         why = self._paged_blocker(route)
         if why and route == "paged":
             raise ValueError(f"the paged route cannot serve this model: {why}")
@@ -646,7 +654,7 @@ class Engine:
                 why = f"continuous batching could not start ({type(exc).__name__}: {' '.join(str(exc).split())})"
         self.route_note = why
         logger.info("serving engine: padded route, because %s", why)
-        return _PaddedRoute(self)
+        return _PaddedRoute(self, max_batch_tokens or 4096)
 
     def _paged_blocker(self, route: str) -> str | None:
         low, high = PAGED_TESTED
@@ -805,12 +813,22 @@ class Engine:
                     self._route.cancel(live)
                 self._finish(live, FINISH_CANCELLED)
 
-    def _take(self, n: int) -> list[_Live]:
-        """Move up to n waiting requests to running (the padded route's admission)."""
+    def _take(self, n: int, max_tokens: int | None = None) -> list[_Live]:
+        """Move up to n waiting requests to running. With max_tokens, stop before the padded batch of the taken
+        requests ((max P + max prompt) x count) passes it; the first request is always taken."""
         out = []
+        longest_prefix = longest_prompt = 0
         with self._lock:
             while self._waiting and len(out) < n:
+                head = self._waiting[0]
+                if max_tokens is not None and out:
+                    p = max(longest_prefix, head.prefix_len)
+                    t = max(longest_prompt, len(head.req.prompt_ids))
+                    if (p + t) * (len(out) + 1) > max_tokens:
+                        break
                 live = self._waiting.popleft()
+                longest_prefix = max(longest_prefix, live.prefix_len)
+                longest_prompt = max(longest_prompt, len(live.req.prompt_ids))
                 self._running[live.id] = live
                 out.append(live)
             if out:

@@ -182,3 +182,49 @@ def test_torch_load_only_with_weights_only_in_prefix():
                 assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
                     f"{f.name}:{node.lineno}: torch.load without weights_only=True"
         assert "pickle.load" not in f.read_text(encoding="utf-8"), f.name
+
+
+def test_the_table_is_read_only_after_every_header_check(tmp_path, monkeypatch):
+    """A file that does not fit (or a caller's check that fails) costs a header read: get_tensor is never called.
+    The header declares the shape, so a 10 GB table with the wrong width is refused without reading 10 GB."""
+    import prefixtune.prefix.io as io
+
+    reads = []
+    real_open = io.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.inner.get_tensor(name)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(io, "safe_open", Spy)
+    shape = PrefixShape(num_layers=2, num_kv_heads=1, head_dim=4, prefix_len=3)
+    path = tmp_path / "p.safetensors"
+    save_prefix(path, torch.randn(3, shape.width), shape, task="t", base_model="m", architecture="llama")
+
+    def refuse(s, meta):
+        raise ValueError(f"does not fit: width {s.width}")
+
+    with pytest.raises(ValueError, match="does not fit: width 16"):
+        load_prefix(path, refuse)
+    meta = {"format": "prefixtune", "format_version": "1", "num_layers": "2", "num_kv_heads": "1", "head_dim": "4",
+            "prefix_len": "3"}
+    save_file({"prefix": torch.zeros(3, 99)}, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"shape \(3, 99\), but the header says \(3, 16\)"):
+        load_prefix(tmp_path / "bad.safetensors", lambda s, m: None)
+    assert reads == []
+    table, _, _ = load_prefix(path, lambda s, m: None)
+    assert reads == ["prefix"] and table.shape == (3, 16)

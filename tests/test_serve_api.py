@@ -82,7 +82,7 @@ def server(tiny_llama_dir, tables, engine_cls, tmp_path_factory):
     prefix_dir = tmp_path_factory.mktemp("prefix_dir")
     d = tables["dir"]
     srv = start_server(tiny_llama_dir, tables, engine_cls, "--prefix", d / "alpha.safetensors",
-                       d / "beta.safetensors", "--prefix_dir", prefix_dir)
+                       d / "beta.safetensors", "--prefix_dir", prefix_dir, "--load_from", d)
     srv.prefix_dir = prefix_dir
     yield srv
     srv.stop()
@@ -279,7 +279,7 @@ def test_models_lists_base_and_tasks(server, tiny_llama_dir):
     assert server.client.models.retrieve("alpha").id == "alpha"
 
 
-def test_load_and_unload_a_task(server, tables, tok, tiny_llama_dir, tmp_path):
+def test_load_and_unload_a_task(server, tables, tok, tiny_llama_dir):
     url, d = server.url, tables["dir"]
     load = {"lora_name": "gamma", "lora_path": str(d / "gamma.safetensors")}
     assert call(url, "POST", "/v1/load_lora_adapter", load)[0] == 200
@@ -291,19 +291,19 @@ def test_load_and_unload_a_task(server, tables, tok, tiny_llama_dir, tmp_path):
     # refused before any request can use it
     assert_error(call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "base", "lora_path": load["lora_path"]}),
                  400, "reserved")
-    assert_error(call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "no")}),
+    assert_error(call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(d / "no")}),
                  400, "does not exist")
     shape = tables["shape"]
-    save_prefix(tmp_path / "other.safetensors", torch.zeros(P, shape.width), shape, task="other",
+    save_prefix(d / "other.safetensors", torch.zeros(P, shape.width), shape, task="other",
                 base_model="some/other-model", architecture="llama")
     assert_error(call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "other",
-                                                             "lora_path": str(tmp_path / "other.safetensors")}),
+                                                             "lora_path": str(d / "other.safetensors")}),
                  400, "some/other-model")
     bad = shape.__class__(shape.num_layers, shape.num_kv_heads, shape.head_dim * 2, P)
-    save_prefix(tmp_path / "wide.safetensors", torch.zeros(P, bad.width), bad, task="wide",
+    save_prefix(d / "wide.safetensors", torch.zeros(P, bad.width), bad, task="wide",
                 base_model=str(tiny_llama_dir), architecture="llama")
     assert_error(call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "wide",
-                                                             "lora_path": str(tmp_path / "wide.safetensors")}),
+                                                             "lora_path": str(d / "wide.safetensors")}),
                  400, "head_dim")
     # unload: gone afterwards
     assert call(url, "POST", "/v1/unload_lora_adapter", {"lora_name": "gamma"})[0] == 200
@@ -681,3 +681,95 @@ def test_health_says_when_the_engine_died():
         assert client.get("/health").status_code == 503
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 500 and "restart" in r.json()["error"]["message"]
+
+
+def test_load_by_path_only_inside_the_allowed_folders(server, tables, tmp_path):
+    """load_lora_adapter reads server files: a path outside --prefix_dir / --load_from is 403, also through '..'
+    or a link; nothing is loaded."""
+    import os
+    import shutil
+
+    url, d = server.url, tables["dir"]
+    outside = tmp_path / "gamma.safetensors"
+    shutil.copy(d / "gamma.safetensors", outside)
+    link = d / "link_out.safetensors"
+    os.symlink(outside, link)
+    try:
+        for path in (outside, d / ".." / tmp_path.name / "gamma.safetensors", link, "/etc/passwd"):
+            r = call(url, "POST", "/v1/load_lora_adapter", {"lora_name": "sneaky", "lora_path": str(path)})
+            assert_error(r, 403, "--load_from")
+        assert "sneaky" not in server.engine.tasks()
+    finally:
+        link.unlink()
+
+
+def _fake_app(engine, **options):
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serve.app import ServeOptions, create_app
+
+    class Tok:
+        eos_token_id = 2
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 6, 7]}
+
+        def decode(self, ids, **kw):
+            return "x" * len(ids)
+
+        def __len__(self):
+            return 100
+
+    return TestClient(create_app(engine, Tok(), "tiny", ServeOptions(**options)), raise_server_exceptions=False)
+
+
+class _FakeEngine:
+    max_context = 64
+    _fatal = None
+
+    def tasks(self):
+        return {"slow": None}
+
+    def stats(self):
+        return {"running": {}, "waiting": {}}
+
+    def start(self):
+        pass
+
+    def shutdown(self, drain=True, timeout=None):
+        pass
+
+
+def test_loading_by_path_is_off_without_a_folder():
+    with _fake_app(_FakeEngine()) as client:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp/a.safetensors"})
+        assert r.status_code == 403 and "--load_from" in r.json()["error"]["message"]
+
+
+def test_unload_answers_202_when_requests_outlive_the_deadline():
+    calls = []
+
+    class Engine(_FakeEngine):
+        def remove_task(self, name, timeout=None):
+            calls.append((name, timeout))
+            return False  # still in flight after `timeout`
+
+    with _fake_app(Engine(), drain_timeout=0.5) as client:
+        r = client.post("/v1/unload_lora_adapter", json={"lora_name": "slow"})
+    assert r.status_code == 202 and "in flight" in r.text and calls == [("slow", 0.5)]
+
+
+def test_internal_errors_do_not_reach_the_client(caplog):
+    """An unexpected exception is a 500 with a reference; its text (paths, internals) goes only to the log."""
+    class Engine(_FakeEngine):
+        def submit(self, req, on_token):
+            raise RuntimeError("secret at /home/ops/weights/model.bin")
+
+    with _fake_app(Engine()) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 500 and "secret" not in msg and "/home" not in msg
+    ref = msg.split()[3]
+    assert ref.startswith("err-") and any(ref in rec.getMessage() for rec in caplog.records)
+    assert "secret at /home/ops" in caplog.text

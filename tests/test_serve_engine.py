@@ -389,3 +389,58 @@ def test_a_failing_step_fails_its_requests_not_the_engine(setups, route, monkeyp
     c.wait([1])
     engine.shutdown()
     assert c.reasons[1] == "length" and c.tokens[1] == s.reference(PROMPTS[1], "short", 5)
+
+
+def test_a_failed_prefill_spares_the_rows_already_decoding(setups, monkeypatch):
+    """Padded route: a joiner whose prefill fails gets the error; the request already decoding finishes exactly."""
+    s = setups("llama")
+    engine = s.engine("padded")
+    route = engine._route
+    real = route._prefill
+
+    def prefill(joiners):
+        if any(live.req.max_new_tokens == 3 for live in joiners):
+            raise RuntimeError("prefill exploded")
+        return real(joiners)
+
+    monkeypatch.setattr(route, "_prefill", prefill)
+    c = Collector()
+    started = threading.Event()
+    c.watch[0] = (2, started)
+    engine.start()
+    engine.submit(GenRequest(s.ids(PROMPTS[0]), task="mid", max_new_tokens=9), c(0))
+    assert started.wait(30)
+    engine.submit(GenRequest(s.ids(PROMPTS[1]), task="short", max_new_tokens=3), c(1))
+    c.wait([0, 1])
+    engine.shutdown()
+    assert c.reasons[1].startswith("error") and "prefill exploded" in c.reasons[1]
+    assert c.reasons[0] == "length" and c.tokens[0] == s.reference(PROMPTS[0], "mid", 9)
+
+
+def test_padded_prefill_takes_joiners_within_the_token_budget(setups):
+    """The padded batch of one prefill (max P + max prompt) x joiners stays within max_batch_tokens; the first
+    request is taken even when it alone is over; the rest wait for the next step and still come out right."""
+    s = setups("llama")
+    engine = s.engine("padded", max_batch_tokens=40)
+    lives = []
+    for i, task in enumerate(["long", "short", "mid", None]):  # P 21, 3, 8, 0
+        req = GenRequest(s.ids(PROMPTS[i]), task=task, max_new_tokens=2)
+        engine.submit(req, lambda *_: None)
+    with engine._lock:
+        lives = list(engine._waiting)
+    taken = engine._take(16, 40)
+    width = max(lv.prefix_len for lv in taken) + max(len(lv.req.prompt_ids) for lv in taken)
+    assert len(taken) == 1 or width * len(taken) <= 40
+    assert taken == lives[:len(taken)] and len(taken) < 4
+    assert len(engine._take(16, 1)) == 1  # over the budget alone, taken anyway
+
+    engine = s.engine("padded", max_batch_tokens=40)  # end to end: joiners spread over steps, outputs unchanged
+    c = Collector()
+    reqs = [(PROMPTS[i], task) for i, task in enumerate(["long", "short", "mid", None])]
+    for k, (text, task) in enumerate(reqs):
+        engine.submit(GenRequest(s.ids(text), task=task, max_new_tokens=4), c(k))
+    engine.start()
+    c.wait(range(len(reqs)))
+    engine.shutdown()
+    for k, (text, task) in enumerate(reqs):
+        assert c.tokens[k] == s.reference(text, task, 4), (text, task)
