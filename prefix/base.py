@@ -210,17 +210,32 @@ def load_tokenizer(model: str | None):
     return tok
 
 
-def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device = "cpu", config=None):
+def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device = "cpu", config=None,
+              device_map: str | dict | None = None, max_memory: str | dict | None = None,
+              offload_dir: str | None = None, log=None):
     """(frozen model in eval mode, tokenizer, name to record as base_model). Refuses unsupported models
-    (`check_base_supported`) before reading their weights; `config` is `load_config(model)` if already read."""
+    (`check_base_supported`) before reading their weights; `config` is `load_config(model)` if already read.
+
+    With `device_map` ("auto", "balanced", "balanced_low_0", "sequential", or a dict), accelerate places the
+    weights (`device` is not used): what does not fit `max_memory` (a dict or --max_memory's text, see
+    `parse_max_memory`) is offloaded to the CPU or to `offload_dir` on disk and moved in layer by layer when used.
+    The input embeddings stay on the main device (see `plan_device_map`). `log(text)` receives one line that says
+    where the weights went."""
     from transformers import AutoModelForCausalLM
 
+    from .offload import load_offloaded, offload_options
+
+    device_map, max_memory, offload_dir = offload_options(device_map, max_memory, offload_dir)
     if config is None:
         config = load_config(model)
     else:
         check_base_supported(config)
     where, kwargs = resolve_model(model)
-    base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
-        where, config=config, dtype=DTYPES[dtype], **kwargs))
-    base.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
+            where, config=config, dtype=DTYPES[dtype], **kwargs))
+        base.to(device).eval().requires_grad_(False)
+        return base, load_tokenizer(model), model_display_name(model)
+
+    base = load_offloaded(model, where, kwargs, config, dtype, device_map, max_memory, offload_dir, device, log)
     return base, load_tokenizer(model), model_display_name(model)

@@ -3,6 +3,7 @@
     prefix_inference --prefix runs/smileface.safetensors            # REPL; :tasks, :task NAME, :base, :quit
     echo "The for statement" | prefix_inference --prefix a.safetensors --greedy   # one prompt per line
     prefix_inference --prefix a.safetensors b.safetensors --input prompts.jsonl --output out.jsonl
+    prefix_inference --prefix a.safetensors --device_map auto --max_memory 0=14GiB,cpu=30GiB --offload_dir off/
     python -m prefixtune.prefix.inference --model_type gpt-neox --pretrained_model_dir DIR \
         --prefix_checkpoint_path a.safetensors --decode_method nucleus --top_p 0.9     # the seed's flags
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .base import DTYPES, is_default_model, load_base, load_config
+from .offload import DEVICE_MAPS, offload_options
 from .generate import Generator, Sampling
 from .io import atomic_path, check_base_model, check_compatible, check_task_name, load_prefix, same_base_model
 
@@ -44,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the base model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (not used with --device_map, which places the weights itself)")
+    add_offload_flags(p)
     p.add_argument("--input", help="JSONL of {\"prompt\", \"task\"?}: batch generation instead of the REPL")
     p.add_argument("--output", help="where batch generation writes JSONL (default: standard output)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch in batch generation")
@@ -52,6 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow_other_base", action="store_true",
                    help="run prefixes on a --model other than the base_model stored in their files")
     return p
+
+
+def add_offload_flags(p: argparse.ArgumentParser) -> None:
+    """--device_map, --max_memory, --offload_dir: a base model bigger than the GPU (or the RAM), through accelerate.
+    prefix_serve has the same flags."""
+    p.add_argument("--device_map", choices=[*DEVICE_MAPS, "none"], default="none",
+                   help="place the base model's weights with accelerate instead of loading it whole onto "
+                        "--device: the GPU takes what fits --max_memory, CPU RAM the next part, the disk "
+                        "(--offload_dir) the rest. Offloaded layers are copied in for every forward pass, so tokens "
+                        "come slower and big batches pay off. auto, balanced and sequential are accelerate's "
+                        "strategies; prefixtune computes on one GPU (--device's, or the one --max_memory names), "
+                        "where they place alike. none: no offloading")
+    p.add_argument("--max_memory", default=None, metavar="DEVICE=SIZE,...",
+                   help="with --device_map: how much each device may hold, in accelerate's syntax, e.g. "
+                        "0=14GiB,cpu=30GiB (GPU 0 and CPU RAM; disk=SIZE caps the disk). Sizes in KiB/MiB/GiB, "
+                        "KB/MB/GB or bytes; without it, each device's free memory")
+    p.add_argument("--offload_dir", default=None, metavar="DIR",
+                   help="with --device_map: folder for the weights the map puts on disk. Needed for weights "
+                        "that are not safetensors (.bin), which are written there; safetensors weights are read in "
+                        "place from the model folder. Use one folder per model. (A .gguf model cannot be offloaded "
+                        "to disk: transformers refuses it)")
 
 
 def sampling_from(args) -> Sampling:
@@ -312,6 +337,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: expected --batch_size of at least 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
     try:
+        placement = offload_options(args.device_map, args.max_memory, args.offload_dir)
         loaded = load_prefixes(args.prefix)
         names = [meta.get("task") or str(path) for path, (_, _, meta) in loaded]
         task = args.task if args.task is not None else (names[0] if names else None)
@@ -332,7 +358,10 @@ def main(argv=None) -> int:
         raise _error(e) from None
     try:
         check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
-        base, tok, _ = load_base(model, args.dtype, args.device, config=config)
+        device_map, max_memory, offload_dir = placement
+        base, tok, _ = load_base(model, args.dtype, args.device, config=config, device_map=device_map,
+                                 max_memory=max_memory, offload_dir=offload_dir,
+                                 log=lambda line: print(line, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:
         raise _error(e) from None
     gen = Generator(base, tok)

@@ -2,6 +2,7 @@
 
     prefix_serve --prefix runs/smileface.safetensors runs/polite.safetensors --port 8000
     prefix_serve --model PATH --prefix_dir prefixes/ --api_key KEY      # DIR/<task>.safetensors load on first use
+    prefix_serve --model PATH --device_map auto --max_memory 0=14GiB,cpu=30GiB --offload_dir off/   # a bigger base
     python -m prefixtune.serve --help
 
 Clients use any OpenAI SDK: client.completions.create(model="smileface", prompt=...); model = the base model's id
@@ -23,6 +24,8 @@ log = logging.getLogger("prefixtune.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prefixtune.prefix.inference import add_offload_flags
+
     p = argparse.ArgumentParser(prog="prefix_serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -63,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="precision of the base model; auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on "
                         "CPUs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (not used with --device_map, which places the weights itself)")
+    add_offload_flags(p)  # --device_map, --max_memory, --offload_dir: as prefix_inference's
     p.add_argument("--allow_other_base", action="store_true",
                    help="serve prefixes trained on another base_model than the one served (shapes are still "
                         "checked)")
@@ -101,6 +106,7 @@ def build(args, engine_cls=None):
     """Load the base model and --prefix files and build the app: (app, engine). One-line ValueError or
     FileNotFoundError on anything refused."""
     from prefixtune.prefix.base import load_base, load_config
+    from prefixtune.prefix.offload import offload_options
     from prefixtune.prefix.inference import check_prefixes, choose_model, load_prefixes
 
     from .app import ServeOptions, create_app
@@ -112,11 +118,20 @@ def build(args, engine_cls=None):
         raise ValueError(f"expected --max_model_len of at least 2, got {args.max_model_len}")
     if args.prefix_dir is not None and not Path(args.prefix_dir).is_dir():
         raise FileNotFoundError(f"--prefix_dir {args.prefix_dir}: no such folder")
+    device_map, max_memory, offload_dir = offload_options(getattr(args, "device_map", None),
+                                                          getattr(args, "max_memory", None),
+                                                          getattr(args, "offload_dir", None))
     loaded = load_prefixes(args.prefix)
     model = choose_model(args.model, loaded)
     config = load_config(model)
     check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
-    base, tok, display = load_base(model, _dtype(args.dtype, args.device), args.device, config=config)
+    computes_on = args.device  # with --device_map: the GPU when it gets one (as accelerate places it), else cpu
+    if device_map is not None:
+        computes_on = "cuda" if torch.cuda.is_available() and (max_memory is None or any(
+            isinstance(k, int) for k in max_memory)) else "cpu"
+    base, tok, display = load_base(model, _dtype(args.dtype, computes_on), args.device, config=config,
+                                   device_map=device_map, max_memory=max_memory, offload_dir=offload_dir,
+                                   log=log.info)
     if args.chat_template:
         path = Path(args.chat_template)
         tok.chat_template = path.read_text(encoding="utf-8") if path.is_file() else args.chat_template

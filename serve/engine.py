@@ -598,7 +598,7 @@ class Engine:
     callbacks run on the engine thread. See the module docstring for the two routes."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 16, max_queue: int = 256, route: str = "auto",
-                 page_size: int = 32, cache_tokens: int | None = None, max_batch_tokens: int | None = None):
+                 page_size: int = 256, cache_tokens: int | None = None, max_batch_tokens: int | None = None):
         if route not in ROUTES:
             raise ValueError(f"expected route in {ROUTES}, got {route!r}")
         if max_batch_size < 1 or max_queue < 1:
@@ -666,6 +666,9 @@ class Engine:
         impl = self.model.config._attn_implementation or "eager"
         if not (impl in ("sdpa", "eager", "paged|eager") or "flash" in impl):
             return f"continuous batching does not support attention {impl!r}"
+        if hasattr(self.model, "hf_device_map") and self.device.type != "cpu":  # accelerate-offloaded (--device_map)
+            return ("the weights are offloaded (--device_map), and continuous batching would take the free GPU memory "
+                    "the offloaded layers are copied into at every step for its cache")
         if impl == "eager" and route == "auto":
             return ("the model uses eager attention, which continuous batching replaces by paged|eager, unusable by "
                     "any other caller of the model while the engine runs (load it with sdpa, or pass route='paged')")
