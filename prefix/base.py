@@ -212,7 +212,7 @@ def load_tokenizer(model: str | None):
 
 def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device = "cpu", config=None,
               device_map: str | dict | None = None, max_memory: str | dict | None = None,
-              offload_dir: str | None = None, log=None):
+              offload_dir: str | None = None, log=None, quantize: str | None = None):
     """(frozen model in eval mode, tokenizer, name to record as base_model). Refuses unsupported models
     (`check_base_supported`) before reading their weights; `config` is `load_config(model)` if already read.
 
@@ -231,6 +231,15 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
     else:
         check_base_supported(config)
     where, kwargs = resolve_model(model)
+    if quantize not in (None, "none"):
+        from .quantize import load_quantized
+
+        if device_map is not None:
+            raise ValueError(f"--quantize {quantize}: expected --device_map none, got --device_map "
+                             f"{device_map if isinstance(device_map, str) else '(given)'}; use one of them: "
+                             "quantize the base to fit it in memory, or offload it")
+        base = load_quantized(model, where, kwargs, config, DTYPES[dtype], device, quantize, log)
+        return base, load_tokenizer(model), model_display_name(model)
     if device_map is None:
         base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=DTYPES[dtype], **kwargs))

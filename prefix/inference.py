@@ -4,6 +4,7 @@
     echo "The for statement" | prefix_inference --prefix a.safetensors --greedy   # one prompt per line
     prefix_inference --prefix a.safetensors b.safetensors --input prompts.jsonl --output out.jsonl
     prefix_inference --prefix a.safetensors --device_map auto --max_memory 0=14GiB,cpu=30GiB --offload_dir off/
+    prefix_inference --prefix a.safetensors --quantize int8             # int8 weights (torchao), CPU or GPU
     python -m prefixtune.prefix.inference --model_type gpt-neox --pretrained_model_dir DIR \
         --prefix_checkpoint_path a.safetensors --decode_method nucleus --top_p 0.9     # the seed's flags
 
@@ -23,6 +24,7 @@ import torch
 from .base import DTYPES, is_default_model, load_base, load_config
 from .offload import DEVICE_MAPS, offload_options
 from .generate import Generator, Sampling
+from .quantize import add_quantize_flag
 from .io import atomic_path, check_base_model, check_compatible, check_task_name, load_prefix, same_base_model
 
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (not used with --device_map, which places the weights itself)")
     add_offload_flags(p)
+    add_quantize_flag(p)
     p.add_argument("--input", help="JSONL of {\"prompt\", \"task\"?}: batch generation instead of the REPL")
     p.add_argument("--output", help="where batch generation writes JSONL (default: standard output)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch in batch generation")
@@ -361,7 +364,7 @@ def main(argv=None) -> int:
         device_map, max_memory, offload_dir = placement
         base, tok, _ = load_base(model, args.dtype, args.device, config=config, device_map=device_map,
                                  max_memory=max_memory, offload_dir=offload_dir,
-                                 log=lambda line: print(line, file=sys.stderr))
+                                 log=lambda line: print(line, file=sys.stderr), quantize=args.quantize)
     except (ValueError, FileNotFoundError) as e:
         raise _error(e) from None
     gen = Generator(base, tok)

@@ -12,3 +12,19 @@ user's working directory (most ML folders have a `data/`) can shadow it:
 `train` is also installed under its own name, only so that `deepspeed --module train` (the launcher's spelling of
 `python -m train`) keeps working; `python -m prefixtune.train` is the same program.
 """
+
+import logging as _logging
+
+
+class _KnownNoise(_logging.Filter):
+    """Lines torchao's import prints on every start when it is installed (transformers imports it): its CUDA
+    extensions failing to load on a CPU-only torch, and torch's deprecation of its Enum registrations. Harmless."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not ((msg.startswith("Failed to load") and "torchao" in msg and "_C" in msg)
+                    or "is an Enum subclass and is now natively supported" in msg)
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).addFilter(_KnownNoise())

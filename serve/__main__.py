@@ -3,6 +3,7 @@
     prefix_serve --prefix runs/smileface.safetensors runs/polite.safetensors --port 8000
     prefix_serve --model PATH --prefix_dir prefixes/ --api_key KEY      # DIR/<task>.safetensors load on first use
     prefix_serve --model PATH --device_map auto --max_memory 0=14GiB,cpu=30GiB --offload_dir off/   # a bigger base
+    prefix_serve --model PATH --quantize int8                           # int8 base weights (torchao)
     python -m prefixtune.serve --help
 
 Clients use any OpenAI SDK: client.completions.create(model="smileface", prompt=...); model = the base model's id
@@ -25,6 +26,7 @@ log = logging.getLogger("prefixtune.serve")
 
 def build_parser() -> argparse.ArgumentParser:
     from prefixtune.prefix.inference import add_offload_flags
+    from prefixtune.prefix.quantize import add_quantize_flag
 
     p = argparse.ArgumentParser(prog="prefix_serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (not used with --device_map, which places the weights itself)")
     add_offload_flags(p)  # --device_map, --max_memory, --offload_dir: as prefix_inference's
+    add_quantize_flag(p)  # --quantize none/int8/int4 (torchao), bnb-8bit/bnb-4bit/gptq (CUDA)
     p.add_argument("--allow_other_base", action="store_true",
                    help="serve prefixes trained on another base_model than the one served (shapes are still "
                         "checked)")
@@ -131,7 +134,7 @@ def build(args, engine_cls=None):
             isinstance(k, int) for k in max_memory)) else "cpu"
     base, tok, display = load_base(model, _dtype(args.dtype, computes_on), args.device, config=config,
                                    device_map=device_map, max_memory=max_memory, offload_dir=offload_dir,
-                                   log=log.info)
+                                   log=log.info, quantize=getattr(args, "quantize", "none"))
     if args.chat_template:
         path = Path(args.chat_template)
         tok.chat_template = path.read_text(encoding="utf-8") if path.is_file() else args.chat_template

@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from prefixtune.prefix.quantize import QUANTIZE_CHOICES
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -17,7 +19,9 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainArgs:
     pretrained_model_dir: str | None = _f(None, "base model: Hugging Face folder or name, a .gguf file, or 'smollm2' "
-                                                "(default: the embedded SmolLM2-135M-Instruct)", aliases=["--model"])
+                                                "(default: the embedded SmolLM2-135M-Instruct); with --estimate also "
+                                                "a config.json file or a folder holding only config.json",
+                                          aliases=["--model"])
     model_type: str | None = _f(None, "seed compatibility: 'gpt-neox' or 'gpt'; checked against the model's config",
                                 choices=["gpt-neox", "gpt"])
     data_filepath: str | None = _f(None, "JSONL with {\"text\"} or {\"prompt\",\"completion\"} per line "
@@ -54,6 +58,9 @@ class TrainArgs:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float | None = _f(None, "clip the gradient norm to this, 0 = off (default: the DeepSpeed config's "
                                        "gradient_clipping, else 1.0)")
+    quantize: str = _f("none", "quantize the frozen base's Linear weights: int8 or int4 (torchao weight-only, CPU and "
+                               "GPU), bnb-8bit, bnb-4bit or gptq (CUDA only); the prefix trains in full precision",
+                       choices=list(QUANTIZE_CHOICES))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory; the prefix stays applied")
     # precision and DeepSpeed
     precision: str = _f("auto", "'auto' = bf16 on GPUs and CPUs with fast bf16, fp16 on older GPUs, else fp32 "
@@ -75,6 +82,15 @@ class TrainArgs:
     overwrite: bool = _f(False, "start afresh even if <save_dir>/<save_name>.safetensors exists")
     eval_every: int = _f(50, "optimizer steps between dev evaluations (and training-state saves); 0 = per epoch")
     log_every: int = _f(10, "optimizer steps between log lines")
+    # memory plan
+    estimate: bool = _f(False, "print the memory plan of this run per process (base weights, prefix encoder, optimizer "
+                               "state, DeepSpeed buffers, activations) and whether it fits, then exit; reads the "
+                               "model's config only, no weights (under the deepspeed launcher rank 0 prints)")
+    device_memory: str | None = _f(None, "with --estimate: plan for a GPU of this size per process instead of the one "
+                                         "here, e.g. 16GiB, 500MB; cpu:64GiB plans a CPU run with that much RAM per "
+                                         "process (default: this machine's GPU, else available RAM / processes)")
+    processes: int | None = _f(None, "with --estimate: plan for this many processes (default: the launcher's "
+                                     "WORLD_SIZE, else 1)")
     local_rank: int = _f(-1, "set by the deepspeed launcher", hidden=True)
 
     @property
@@ -119,7 +135,7 @@ def validate_args(a: TrainArgs) -> list[str]:
     """Every problem with the arguments, each naming its flag; empty when all is well."""
     problems = []
     positive = ["max_seq_len", "prefix_seq_len", "prefix_input_dim", "prefix_hidden_dim", "n_epochs", "log_every"]
-    for name in positive + ["batch_size", "n_accum_steps", "max_steps", "train_data_size"]:
+    for name in positive + ["batch_size", "n_accum_steps", "max_steps", "train_data_size", "processes"]:
         v = getattr(a, name)
         if v is not None and v < 1:
             problems.append(f"--{name} must be at least 1, got {v}")
@@ -145,6 +161,19 @@ def validate_args(a: TrainArgs) -> list[str]:
         problems.append("--data and --data_filepath both name a data file: give one")
     if a.resume and a.overwrite:
         problems.append("--resume and --overwrite exclude each other")
+    if not a.estimate:
+        for name in ("device_memory", "processes"):
+            if getattr(a, name) is not None:
+                problems.append(f"--{name} only applies to --estimate")
+        if a.model and str(a.model).endswith(".json"):
+            problems.append(f"--model {a.model}: a config.json alone has no weights to train; it works with --estimate")
+    elif a.device_memory is not None:
+        from .estimate import parse_size
+
+        try:
+            parse_size(a.device_memory)
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 
@@ -153,7 +182,7 @@ def validate_args(a: TrainArgs) -> list[str]:
 RESUME_MUST_MATCH = (
     "pretrained_model_dir", "data_filepath", "data", "transform", "max_seq_len", "train_data_size", "dev_data_size",
     "prefix_seq_len", "prefix_input_dim", "prefix_hidden_dim", "prefix_dropout", "prefix_init", "prefix_init_text",
-    "seed", "n_warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip",
+    "seed", "n_warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "quantize",
 )
 
 
@@ -163,7 +192,7 @@ def resume_mismatches(saved: dict, now: TrainArgs, saved_world: int, world: int)
 
     problems = []
     for name in RESUME_MUST_MATCH:
-        old, new = saved.get(name), getattr(now, name)
+        old, new = saved.get(name, "none" if name == "quantize" else None), getattr(now, name)  # states before --quantize
         same = same_base_model(old, new) if name in ("pretrained_model_dir", "data_filepath", "data") else old == new
         if not same:
             problems.append(f"--{name}: the state has {old!r}, this run {new!r}")

@@ -28,6 +28,7 @@ from prefixtune.data import DataError, SplitReport, build_split, builtin_records
 from prefixtune.prefix import PrefixEncoder, PrefixLM, PrefixShape, is_trainable, prefix_shape, text_key_values
 from prefixtune.prefix.base import absolute_position_limit, load_base, one_line
 from prefixtune.prefix.io import save_prefix
+from prefixtune.prefix.quantize import hidden_from_deepspeed
 
 from .args import TrainArgs, parse_args, resume_mismatches
 from .ds_config import build_ds_config, offloads, precision, unsupported_precision
@@ -117,10 +118,11 @@ def check_outputs(a: TrainArgs, out: Outputs) -> None:
 def load_model(a: TrainArgs, dtype: str, device):
     """(frozen base, tokenizer, name, model_type), with one-line errors for what cannot be trained."""
     try:
-        base, tok, name = load_base(a.model, dtype, device)  # refuses what prefix tuning cannot serve, first
+        base, tok, name = load_base(a.model, dtype, device, quantize=a.quantize)  # refuses what it cannot serve, first
     except (OSError, ValueError) as e:
         msg = one_line(e)
-        raise SystemExit(f"error: {msg if msg.startswith('--model') else f'--model {a.model}: {msg}'}") from None
+        msg = msg if msg.startswith(("--model", "--quantize")) else f"--model {a.model}: {msg}"
+        raise SystemExit(f"error: {msg}") from None
     model_type = base.config.model_type
     if a.model_type and SEED_MODEL_TYPES[a.model_type] != model_type:
         raise SystemExit(f"error: --model_type {a.model_type} expects a {SEED_MODEL_TYPES[a.model_type]} model, "
@@ -189,8 +191,9 @@ def setup(a: TrainArgs, ds_cfg: dict, out: Outputs) -> Run:
         model.gradient_checkpointing(True)
     named = [(n, p) for n, p in model.named_parameters() if is_trainable(n)]
     optimizer = make_optimizer([p for _, p in named], a, offloads(ds_cfg), device)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
-                                      model_parameters=[p for _, p in named])
+    with hidden_from_deepspeed(model):  # quantized frozen weights: DeepSpeed must not move them (prefix/quantize.py)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                          model_parameters=[p for _, p in named])
     steps_per_epoch = len(train_ex) // global_batch
     run = Run(a, rank, world, device, ds_cfg, engine, named, tok, model_name, model_type, shape, anchor_fp32,
               train_ex, dev_ex, a.max_steps or steps_per_epoch * a.n_epochs, out, log)
@@ -425,8 +428,16 @@ def main(argv=None) -> int:
         ds_cfg = build_ds_config(a, world)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if a.quantize != "none" and ds_cfg["zero_optimization"]["stage"] == 3:
+        raise SystemExit(f"error: --quantize {a.quantize}: expected --zero_stage 0, 1 or 2, got 3 (ZeRO-3 expects "
+                         "every parameter of the model partitioned, and quantized weights cannot be); use --zero_stage "
+                         "2: the quantized frozen base is not partitioned by any stage")
     if offloads(ds_cfg) and ds_cfg["zero_optimization"]["stage"] == 0:
         raise SystemExit("error: --offload needs ZeRO stage 1, 2 or 3: set --zero_stage 2")
+    if a.estimate:  # the memory plan, for this machine or another: before the precision check and any loading
+        from .estimate import print_plan
+
+        return print_plan(a, build_ds_config(a, a.processes) if a.processes else ds_cfg, a.processes or world)
     problem = unsupported_precision(precision(ds_cfg))
     if problem:
         raise SystemExit(f"error: {problem}")
