@@ -84,13 +84,14 @@ def _child_env_threads() -> int:
     return max(1, os.cpu_count() or 1)  # what train/loop.py init_distributed gives one process
 
 
-def trainer_batches(tok, data: str, max_len: int, batch: int, n_steps: int, seed: int, dev_size: int) -> list[list]:
+def trainer_batches(tok, data: str, max_len: int, batch: int, n_steps: int, seed: int, dev_size: int,
+                    batching: str = "buckets") -> list[list]:
     """The examples of each of the trainer's first `n_steps` optimizer steps, as train/loop.py draws them: the same
     split (load_examples) and the same seeded order (train_step); a step's examples are the union of the ranks'
     micro-batches, so this holds for any number of processes with the same global batch and one accumulation step."""
     import torch
 
-    from prefixtune.data import build_split, builtin_records, read_jsonl
+    from prefixtune.data import build_split, builtin_records, epoch_order, read_jsonl
 
     records = builtin_records() if data == "builtin" else read_jsonl(data)
     train, _, _ = build_split(records, tok, max_len=max_len, transform="smileface", seed=seed, train_size=None,
@@ -99,11 +100,12 @@ def trainer_batches(tok, data: str, max_len: int, batch: int, n_steps: int, seed
     if per_epoch < 1:
         raise SystemExit(f"error: {len(train)} training examples do not fill a batch of {batch}")
     steps, orders = [], {}
+    lengths = [len(e["input_ids"]) for e in train]
     for step in range(n_steps):
         epoch, pos = divmod(step, per_epoch)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        steps.append([train[i] for i in orders[epoch][pos * batch:(pos + 1) * batch].tolist()])
+            orders[epoch] = epoch_order(lengths, batch, seed, epoch, batching == "buckets")
+        steps.append([train[i] for i in orders[epoch][pos * batch:(pos + 1) * batch]])
     return steps
 
 
@@ -164,7 +166,7 @@ def child_probe(spec: dict) -> dict:
     out["configs"] = {}
     for key, c in spec["configs"].items():
         steps = trainer_batches(tok, c["data"], c["max_seq_len"], c["batch_size"], c["n_steps"], c["seed"],
-                                c["dev_size"])
+                                c["dev_size"], c["batching"])
         real = [len(e["input_ids"]) for s in steps for e in s]
         out["configs"][key] = {
             "step_tokens": [counted_tokens(s) for s in steps],
@@ -196,7 +198,7 @@ def child_peft(spec: dict) -> dict:
     base, tok, _ = load_base(spec["model"], spec["dtype"], device)  # AutoModelForCausalLM.from_pretrained(dtype=...)
     n_params = sum(p.numel() for p in base.parameters())
     steps = trainer_batches(tok, spec["data"], spec["max_seq_len"], spec["batch_size"], spec["n_steps"], spec["seed"],
-                            spec["dev_size"])
+                            spec["dev_size"], spec["batching"])
     cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec["prefix_len"], prefix_projection=True,
                              encoder_hidden_size=spec["hidden_dim"])
     model = get_peft_model(base, cfg)  # the prefix encoder stays fp32 (autocast_adapter_dtype), like our master copy
@@ -407,7 +409,7 @@ class Bench:
 
     def config(self, data: str, max_seq_len: int, batch: int, n_steps: int) -> dict:
         return {"data": self.data_arg(data), "max_seq_len": max_seq_len, "batch_size": batch, "n_steps": n_steps,
-                "seed": self.a.seed, "dev_size": self.a.dev_data_size}
+                "seed": self.a.seed, "dev_size": self.a.dev_data_size, "batching": self.a.batching}
 
     def ours(self, key: str, dtype: str, prefix_len: int, c: dict, warmup: int, launcher: str) -> dict:
         a = self.a
@@ -420,7 +422,8 @@ class Bench:
             ["--prefix_seq_len", str(prefix_len), "--prefix_hidden_dim", str(a.prefix_hidden_dim),
              "--batch_size", str(c["batch_size"] // procs), "--max_seq_len", str(c["max_seq_len"]),
              "--max_steps", str(c["n_steps"]), "--eval_every", str(10**9), "--dev_data_size", str(a.dev_data_size),
-             "--seed", str(a.seed), "--save_dir", str(save_dir), "--save_name", name] + shlex.split(a.trainer_args)
+             "--seed", str(a.seed), "--batching", a.batching, "--save_dir", str(save_dir), "--save_name", name] + \
+            shlex.split(a.trainer_args)
         if launcher == "deepspeed":
             ds = shutil.which("deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                   os.environ.get("PATH", "")]))
@@ -628,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev_data_size", type=int, default=8,
                    help="the trainer's --dev_data_size (small: its dev evaluations are not timed, but cost wall time)")
     p.add_argument("--seed", type=int, default=42, help="the trainer's --seed (it decides the split and batch order)")
+    p.add_argument("--batching", choices=["buckets", "shuffle"], default="buckets",
+                   help="the trainer's --batching (PEFT gets the very same batches)")
     p.add_argument("--trainer_args", default="", help="more flags for our trainer, e.g. --trainer_args='--zero_stage "
                                                        "0 --gradient_checkpointing' (PEFT does not get them); not the "
                                                        "data, batch, length, precision or output flags the bench sets")
@@ -663,7 +668,7 @@ def main() -> int:
         raise SystemExit(f"error: --batch_size {a.batch_size} does not split over --num_procs {a.num_procs}")
     owned = {"--model", "--pretrained_model_dir", "--data", "--data_filepath", "--transform", "--max_seq_len",
              "--train_data_size", "--dev_data_size", "--prefix_seq_len", "--prefix_hidden_dim", "--seed",
-             "--batch_size", "--n_accum_steps", "--max_steps", "--n_training_steps", "--n_epochs", "--eval_every",
+             "--batching", "--batch_size", "--n_accum_steps", "--max_steps", "--n_training_steps", "--n_epochs", "--eval_every",
              "--precision", "--bf16", "--fp16", "--save_dir", "--save_name", "--resume", "--overwrite"}
     clash = sorted({f.split("=")[0] for f in shlex.split(a.trainer_args)} & owned)
     if clash:

@@ -152,6 +152,31 @@ def build_split(records, tokenizer, *, max_len: int, transform: str, seed: int, 
     return train, dev, dev_recs
 
 
+BUCKET_WINDOW = 32  # global batches sorted together: wide enough to match lengths, narrow enough to stay random
+
+
+def epoch_order(lengths: list[int], global_batch: int, seed: int, epoch: int, buckets: bool = True) -> list[int]:
+    """The example indices of one epoch, in training order; optimizer step s takes
+    order[s * global_batch:(s + 1) * global_batch] (the full steps come first; leftovers, if any, last).
+
+    A seeded shuffle. With `buckets`, every window of BUCKET_WINDOW global batches of that shuffle is sorted by
+    length and cut into global batches, and the batches' order is shuffled again: examples of like length share a
+    batch, so padding (to the longest of the micro-batch) costs little compute, and every example is still seen
+    once per epoch. A function of its arguments only: all ranks, a resumed run and the benchmark agree."""
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if not buckets:
+        return order
+    window = global_batch * BUCKET_WINDOW
+    full, partial = [], []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        for j in range(0, len(chunk), global_batch):
+            (full if len(chunk) - j >= global_batch else partial).append(chunk[j:j + global_batch])
+    shuffled = [full[b] for b in torch.randperm(len(full), generator=gen).tolist()]
+    return [i for batch in shuffled + partial for i in batch]
+
+
 def collate(examples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest example: (B, T) input_ids, attention_mask and labels."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -191,3 +191,31 @@ def test_a_non_utf8_file_is_named_in_one_line(tmp_path, encoding, name):
     path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # Latin-1 on line 2
     with pytest.raises(DataError, match=r"d.jsonl:2: not UTF-8 text \(byte 0xe9"):
         read_jsonl(path)
+
+
+def test_length_buckets_keep_every_example_once_and_cut_padding():
+    """--batching buckets: a permutation of the epoch (each example once, full batches first), the same on every
+    call (ranks and resumes agree), batches of like lengths (far less padding than the plain shuffle), and still a
+    shuffle: batch order and membership change with the seed and the epoch."""
+    import random
+
+    from prefixtune.data import epoch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(4, 300) for _ in range(1003)]
+    gb = 8
+    order = epoch_order(lengths, gb, seed=3, epoch=0)
+    assert sorted(order) == list(range(len(lengths)))
+    assert order == epoch_order(lengths, gb, seed=3, epoch=0)
+    assert order != epoch_order(lengths, gb, seed=3, epoch=1) and order != epoch_order(lengths, gb, seed=4, epoch=0)
+    full = len(lengths) // gb
+
+    def padded(o):  # tokens computed when each batch pads to its longest
+        return sum(max(lengths[i] for i in o[s * gb:(s + 1) * gb]) * gb for s in range(full))
+
+    plain = epoch_order(lengths, gb, seed=3, epoch=0, buckets=False)
+    assert sorted(plain) == list(range(len(lengths)))
+    real = sum(lengths[i] for i in order[:full * gb])
+    assert padded(order) < 1.1 * real < padded(plain)
+    spans = [max(lengths[i] for i in order[s * gb:(s + 1) * gb]) for s in range(full)]
+    assert spans != sorted(spans)  # batches are not in length order

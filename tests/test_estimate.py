@@ -55,3 +55,11 @@ def test_estimate_flags_are_checked():
     assert problems == ["--device_memory only applies to --estimate"]
     assert any("--device_memory" in p for p in validate_args(TrainArgs(estimate=True, device_memory="lots")))
     assert any("config.json" in p for p in validate_args(TrainArgs(pretrained_model_dir="x/config.json")))
+
+
+def test_training_refuses_an_offloaded_base():
+    from prefixtune.train.args import TrainArgs, validate_args
+
+    (problem,) = validate_args(TrainArgs(device_map="auto"))
+    assert problem.startswith("--device_map auto: expected none in training") and "--quantize" in problem
+    assert validate_args(TrainArgs(device_map="none")) == []

@@ -50,6 +50,10 @@ class TrainArgs:
     batch_size: int | None = _f(None, "micro-batch size per process (default 8, or the DeepSpeed config's)")
     n_accum_steps: int | None = _f(None, "micro-batches per optimizer step (default 1, or the DeepSpeed config's)")
     n_epochs: int = _f(1, "passes over the training data")
+    batching: str = _f("buckets", "how examples form batches: 'buckets' = a seeded shuffle in which every 32 batches' "
+                                  "worth is sorted by length before it is cut into batches (little padding: faster), "
+                                  "'shuffle' = the seeded shuffle alone (the seed's order)",
+                       choices=["buckets", "shuffle"])
     max_steps: int | None = _f(None, "stop after this many optimizer steps (default: n_epochs worth)",
                                aliases=["--n_training_steps"])
     n_warmup_steps: int = _f(10, "optimizer steps of linear warmup before cosine decay to --min_lr")
@@ -58,6 +62,9 @@ class TrainArgs:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float | None = _f(None, "clip the gradient norm to this, 0 = off (default: the DeepSpeed config's "
                                        "gradient_clipping, else 1.0)")
+    device_map: str | None = _f(None, "not for training: inference and serving take --device_map to offload the base; "
+                                      "a training run keeps the whole base on its device (use --quantize, "
+                                      "--gradient_checkpointing or --offload to save memory)")
     quantize: str = _f("none", "quantize the frozen base's Linear weights: int8 or int4 (torchao weight-only, CPU and "
                                "GPU), bnb-8bit, bnb-4bit or gptq (CUDA only); the prefix trains in full precision",
                        choices=list(QUANTIZE_CHOICES))
@@ -144,6 +151,11 @@ def validate_args(a: TrainArgs) -> list[str]:
             problems.append(f"--{name} must not be negative, got {getattr(a, name)}")
     if not 0 <= a.prefix_dropout < 1:
         problems.append(f"--prefix_dropout must be in [0, 1), got {a.prefix_dropout}")
+    if a.device_map not in (None, "none"):
+        problems.append(f"--device_map {a.device_map}: expected none in training, got an offloaded base (the "
+                        "DeepSpeed engine needs every layer on its device); save memory with --quantize int8|int4, "
+                        "--gradient_checkpointing or --offload, and use --device_map with prefix_inference / "
+                        "prefix_serve")
     if a.max_lr <= 0:
         problems.append(f"--max_lr must be positive, got {a.max_lr}")
     elif a.min_lr > a.max_lr:
@@ -182,8 +194,10 @@ def validate_args(a: TrainArgs) -> list[str]:
 RESUME_MUST_MATCH = (
     "pretrained_model_dir", "data_filepath", "data", "transform", "max_seq_len", "train_data_size", "dev_data_size",
     "prefix_seq_len", "prefix_input_dim", "prefix_hidden_dim", "prefix_dropout", "prefix_init", "prefix_init_text",
-    "seed", "n_warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "quantize",
+    "seed", "n_warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "quantize", "batching",
 )
+# What a state saved before a flag existed implies for it.
+_BEFORE_FLAG = {"quantize": "none", "batching": "shuffle"}
 
 
 def resume_mismatches(saved: dict, now: TrainArgs, saved_world: int, world: int) -> list[str]:
@@ -192,7 +206,7 @@ def resume_mismatches(saved: dict, now: TrainArgs, saved_world: int, world: int)
 
     problems = []
     for name in RESUME_MUST_MATCH:
-        old, new = saved.get(name, "none" if name == "quantize" else None), getattr(now, name)  # states before --quantize
+        old, new = saved.get(name, _BEFORE_FLAG.get(name)), getattr(now, name)
         same = same_base_model(old, new) if name in ("pretrained_model_dir", "data_filepath", "data") else old == new
         if not same:
             problems.append(f"--{name}: the state has {old!r}, this run {new!r}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from prefixtune.data import DataError, SplitReport, build_split, builtin_records, collate, read_jsonl
+from prefixtune.data import DataError, SplitReport, build_split, builtin_records, collate, epoch_order, read_jsonl
 from prefixtune.prefix import PrefixEncoder, PrefixLM, PrefixShape, is_trainable, prefix_shape, text_key_values
 from prefixtune.prefix.base import absolute_position_limit, load_base, one_line
 from prefixtune.prefix.io import save_prefix
@@ -60,6 +60,15 @@ class Run:
     total: int  # optimizer steps of the whole run
     out: Outputs
     log: Log
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Example indices of `epoch` in training order (data.epoch_order), computed once per epoch."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != epoch:
+            lengths = [len(e["input_ids"]) for e in self.train_ex]
+            cached = self._order = (epoch, epoch_order(lengths, self.global_batch, self.args.seed, epoch,
+                                                       self.args.batching == "buckets"))
+        return cached[1]
 
     @property
     def micro(self) -> int:
@@ -360,13 +369,13 @@ def train_step(run: Run, step: int) -> torch.Tensor:
     """One optimizer step (accumulating micro-batches); returns (loss * tokens, tokens) summed over all ranks."""
     engine, micro, a = run.engine, run.micro, run.args
     epoch, pos = divmod(step, run.steps_per_epoch)
-    order = torch.randperm(len(run.train_ex), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch))
+    order = run.epoch_order(epoch)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_at(step, run.total, a)
     stats = torch.zeros(2, dtype=torch.float64, device=run.device)
     for k in range(run.accum):
         first = pos * run.global_batch + (k * run.world + run.rank) * micro
-        batch = collate([run.train_ex[i] for i in order[first:first + micro].tolist()], run.tok.pad_token_id)
+        batch = collate([run.train_ex[i] for i in order[first:first + micro]], run.tok.pad_token_id)
         loss, n = engine(**{key: v.to(run.device) for key, v in batch.items()})
         engine.backward(loss)
         engine.step()
@@ -382,16 +391,18 @@ def fit(run: Run, step: int, best: float) -> float:
     log.bar = tqdm(total=run.total, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=run.rank != 0 or not sys.stderr.isatty())  # logs get the per-step lines instead
     run.engine.train()
-    t_start, tokens_seen = time.time(), 0
+    t_start, tokens_seen, step_time = time.time(), 0, 0.0
     while step < run.total:
-        t0 = time.time()
+        t0 = time.perf_counter()
         lr = lr_at(step, run.total, a)
         stats = train_step(run, step)
         step += 1
         train_loss, n_tokens = (stats[0] / stats[1]).item(), int(stats[1].item())
-        tokens_seen += n_tokens
+        step_s = time.perf_counter() - t0
+        tokens_seen, step_time = tokens_seen + n_tokens, step_time + step_s
+        # tokens = labelled target tokens of the step over all ranks; step_s excludes evaluation and saving
         row = {"step": step, "epoch": (step - 1) // run.steps_per_epoch, "loss": train_loss, "lr": lr,
-               "tokens_per_s": n_tokens / (time.time() - t0)}
+               "tokens": n_tokens, "step_s": step_s, "tokens_per_s": n_tokens / step_s}
         log.bar.update(1)
         log.bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
         if step % a.log_every == 0:
@@ -414,7 +425,8 @@ def fit(run: Run, step: int, best: float) -> float:
     log.bar.close()
     log.bar = None
     elapsed = time.time() - t_start
-    log(f"done: {step} steps in {elapsed:.0f}s ({tokens_seen / max(elapsed, 1e-9):.0f} tok/s on this run), "
+    log(f"done: {step} steps in {elapsed:.0f}s ({tokens_seen / max(step_time, 1e-9):.0f} tok/s in training steps, "
+        f"{elapsed - step_time:.0f}s in evaluations and saves), "
         f"best dev loss {best:.4f}; prefix: {run.out.prefix}")
     return best
 
