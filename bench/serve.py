@@ -54,21 +54,12 @@ def prepare(a, work: Path) -> tuple[Path, list[Path]]:
     import torch
 
     from prefixtune.prefix import PrefixEncoder, prefix_shape, text_key_values
-    from prefixtune.prefix.base import load_base
+    from prefixtune.prefix.base import load_base, save_plain_model
     from prefixtune.prefix.io import save_prefix
 
     base, tok, name = load_base(a.model, "fp32")
     model_dir = work / "model"
-    config = base.config
-    if hasattr(config, "quantization_config"):  # a GGUF checkpoint: save its dequantized weights as a plain model
-        from transformers import AutoModelForCausalLM
-
-        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(base.state_dict())
-        base = plain
-    base.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    save_plain_model(base, tok, model_dir)  # a GGUF base: its dequantized weights, as a plain folder
     prefixes = []
     for i, text in enumerate(TEXTS):
         shape = prefix_shape(base.config, 16)

@@ -248,3 +248,19 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
 
     base = load_offloaded(model, where, kwargs, config, dtype, device_map, max_memory, offload_dir, device, log)
     return base, load_tokenizer(model), model_display_name(model)
+
+
+def save_plain_model(base, tok, folder) -> None:
+    """Save a loaded base (and its tokenizer) as a plain Hugging Face folder. A GGUF checkpoint loads dequantized but
+    keeps a quantization_config that would make the saved folder claim GGUF weights; it is dropped, and the
+    dequantized weights are saved as they are. (For tools that need a folder: transformers serve, disk offload.)"""
+    config = base.config
+    if hasattr(config, "quantization_config"):
+        from transformers import AutoModelForCausalLM
+
+        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(base.state_dict())
+        base = plain
+    base.save_pretrained(folder)
+    tok.save_pretrained(folder)

@@ -637,6 +637,21 @@ def test_sigterm_drains_then_exits(tiny_llama_dir, tables, tok):
             proc.wait()
 
 
+class _FakeTok:
+    """Three tokens for any prompt, one 'x' per token: enough for the app around a fake engine."""
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [5, 6, 7]}
+
+    def decode(self, ids, **kw):
+        return "x" * len(ids)
+
+    def __len__(self):
+        return 100
+
+
 def test_health_says_when_the_engine_died():
     """A dead engine thread must not look healthy: /health is 503 and requests get a 500 that says to restart."""
     from fastapi.testclient import TestClient
@@ -663,20 +678,7 @@ def test_health_says_when_the_engine_died():
         def shutdown(self, drain=True, timeout=None):
             pass
 
-    class Tok:
-        eos_token_id = 2
-        chat_template = None
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [5, 6, 7]}
-
-        def decode(self, ids, **kw):
-            return "x" * len(ids)
-
-        def __len__(self):
-            return 100
-
-    app = create_app(Dead(), Tok(), "tiny", ServeOptions())
+    app = create_app(Dead(), _FakeTok(), "tiny", ServeOptions())
     with TestClient(app) as client:
         assert client.get("/health").status_code == 503
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
@@ -708,20 +710,7 @@ def _fake_app(engine, **options):
 
     from prefixtune.serve.app import ServeOptions, create_app
 
-    class Tok:
-        eos_token_id = 2
-        chat_template = None
-
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [5, 6, 7]}
-
-        def decode(self, ids, **kw):
-            return "x" * len(ids)
-
-        def __len__(self):
-            return 100
-
-    return TestClient(create_app(engine, Tok(), "tiny", ServeOptions(**options)), raise_server_exceptions=False)
+    return TestClient(create_app(engine, _FakeTok(), "tiny", ServeOptions(**options)), raise_server_exceptions=False)
 
 
 class _FakeEngine:
