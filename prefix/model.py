@@ -7,11 +7,11 @@ gradient checkpointing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import ATTN_NAME, use_prefix_attention
 from .encoder import PrefixEncoder
+from .loss import frozen_head_loss
 
 
 def is_trainable(name: str) -> bool:
@@ -95,7 +95,6 @@ class PrefixLM(nn.Module):
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != -100
         # Only labelled positions reach the (large) output layer: prompts and padding cost nothing there.
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
         n_tokens = keep.sum()
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_tokens.clamp(min=1)
-        return loss, n_tokens
+        loss = frozen_head_loss(self.base.get_output_embeddings(), hidden[:, :-1][keep], targets[keep])  # (N, E) in
+        return loss / n_tokens.clamp(min=1), n_tokens

@@ -192,3 +192,88 @@ def test_no_dropout_in_checkpointed_layers_that_call_it_themselves():
     model.train()
     for _ in range(3):
         torch.testing.assert_close(model(ids, mask, labels)[0], expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_training_loss_and_gradients_match_eager_cache_reference(arch, padding, monkeypatch):
+    """The training route (explicit attention core with its own backward, chunked loss through the frozen head)
+    against HF's eager attention over a hand-built cache and the plain full-vocabulary cross-entropy."""
+    import torch.nn.functional as F
+
+    import prefixtune.prefix.attention as attention
+    import prefixtune.prefix.loss as loss_mod
+
+    calls = []
+    real_apply = attention.PrefixAttentionCore.apply
+    monkeypatch.setattr(attention.PrefixAttentionCore, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    monkeypatch.setattr(loss_mod, "CHUNK_VALUES", 300 * 4)  # 4 rows a chunk: several chunks, a ragged last one
+    torch.manual_seed(5)
+    model = tiny_model(arch)
+    eager = tiny_model(arch, attn="eager")
+    enc = PrefixEncoder(prefix_shape(model.config, P), 16, 16)
+    enc.reset("random")
+    lm = PrefixLM(model, enc).train()
+    ids, mask = batch(padding)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, :3] = -100  # a prompt that is not trained on
+
+    loss, n = lm(ids, mask, labels)
+    ours = torch.autograd.grad(loss, list(enc.parameters()))
+    assert calls, "the explicit attention core did not run"
+
+    logits = reference_logits(eager, enc(), ids, mask)[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]
+    ref_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    ref = torch.autograd.grad(ref_loss, list(enc.parameters()))
+    assert n == (targets != -100).sum()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(enc.named_parameters(), ours, ref):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_attention_core_matches_sdpa_with_gqa_and_mask(dtype):
+    from prefixtune.prefix.attention import PrefixAttentionCore
+
+    torch.manual_seed(6)
+    B, Hq, Hkv, T, S, D = 2, 6, 2, 5, 9, 8
+    q = torch.randn(B, Hq, T, D, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, S, D, dtype=dtype, requires_grad=True) for _ in range(2))
+    visible = torch.rand(B, 1, T, S) > 0.3
+    visible[..., 0] = True
+    bias = torch.zeros(B, 1, T, S, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    out = PrefixAttentionCore.apply(q, k, v, bias, 0.3)
+    # the reference: float64 SDPA with the key/value heads repeated (query head h reads key head h // 3)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qd, kd.repeat_interleave(3, 1), vd.repeat_interleave(3, 1), attn_mask=visible, scale=0.3)
+    g = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, (q, k, v), g.to(dtype))
+    theirs = torch.autograd.grad(ref, (qd, kd, vd), g)
+    tol = 1e-10 if dtype == torch.float64 else 3e-2
+    assert (out.double() - ref).abs().max() < tol
+    for a, b in zip(ours, theirs):
+        assert (a.double() - b).abs().max() < tol * max(1.0, b.abs().max().item())
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda q, k, v: PrefixAttentionCore.apply(q, k, v, bias, 0.3), (q, k, v))
+
+
+def test_chunked_frozen_head_loss_matches_cross_entropy(monkeypatch):
+    import torch.nn.functional as F
+    from torch import nn
+
+    import prefixtune.prefix.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "CHUNK_VALUES", 50 * 8)
+    torch.manual_seed(7)
+    head = nn.Linear(16, 50, bias=False).requires_grad_(False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    ours = loss_mod.frozen_head_loss(head, hidden, targets)
+    (g_ours,) = torch.autograd.grad(ours * 1.7, hidden)
+    ref = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref * 1.7, hidden)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
