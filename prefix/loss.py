@@ -26,12 +26,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(hidden) if hidden.requires_grad else None  # d(sum loss)/d hidden, (N, E)
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = (h @ weight.t()).float()  # (n, V): computed in the model's dtype, as the plain route does
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = h @ weight.t()  # (n, V) in the model's dtype, as the plain route computes them
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, V)
+            total -= log_probs.gather(1, t[:, None]).sum()
             if grad is not None:
-                # d loss / d logits = softmax - one_hot(target), reusing the logits' memory
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d loss / d logits = softmax - one_hot(target), in the log-probabilities' memory
+                probs = log_probs.exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1
                 grad[start:start + rows] = probs.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import ATTN_NAME, use_prefix_attention
 from .encoder import PrefixEncoder
+from .lean import lighten
 from .loss import frozen_head_loss
 
 
@@ -56,6 +57,7 @@ class PrefixLM(nn.Module):
         self.encoder = encoder
         self.checkpointing = False
         _no_dropout(base)
+        lighten(base)
         use_prefix_attention(base)
         base.config.use_cache = False
         for name, p in self.named_parameters():
