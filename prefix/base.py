@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_cache
+
 DEFAULT_MODEL = "smollm2"  # the value of --model that means the embedded default
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -194,7 +196,7 @@ def load_config(model: str | None):
     """The model's config, checked with `check_base_supported` (reads no weights)."""
     from transformers import AutoConfig
 
-    where, kwargs = resolve_model(model)
+    where, kwargs = gguf_cache.lookup(*resolve_model(model))
     config = _loading(model, "model config", lambda: AutoConfig.from_pretrained(where, **kwargs))
     check_base_supported(config)
     return config
@@ -203,7 +205,7 @@ def load_config(model: str | None):
 def load_tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
-    where, kwargs = resolve_model(model)
+    where, kwargs = gguf_cache.lookup(*resolve_model(model))
     tok = _loading(model, "tokenizer", lambda: AutoTokenizer.from_pretrained(where, **kwargs))
     if tok.pad_token_id is None:  # GPT-2 and GPT-NeoX tokenizers have none; padding is always masked anyway
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -241,6 +243,9 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
         base = load_quantized(model, where, kwargs, config, DTYPES[dtype], device, quantize, log)
         return base, load_tokenizer(model), model_display_name(model)
     if device_map is None:
+        if "gguf_file" in kwargs:  # converted once into a plain folder (gguf_cache.py); its own config goes with it
+            where, kwargs = _converted(model, where, kwargs, dtype)
+            config = config if "gguf_file" in kwargs else None
         base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
             where, config=config, dtype=DTYPES[dtype], **kwargs))
         base.to(device).eval().requires_grad_(False)
@@ -248,6 +253,22 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
 
     base = load_offloaded(model, where, kwargs, config, dtype, device_map, max_memory, offload_dir, device, log)
     return base, load_tokenizer(model), model_display_name(model)
+
+
+def _converted(model: str | None, where: str, kwargs: dict, dtype: str) -> tuple[str, dict]:
+    """The GGUF file's converted folder, written now if missing; the file itself where the cache is not writable."""
+    found = gguf_cache.lookup(where, kwargs, dtype)
+    if found[0] != where:
+        return found
+
+    def load():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        weights = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
+            where, dtype=DTYPES[dtype], **kwargs))
+        return weights, _loading(model, "tokenizer", lambda: AutoTokenizer.from_pretrained(where, **kwargs))
+
+    return gguf_cache.lookup(where, kwargs, dtype) if gguf_cache.convert(where, kwargs, dtype, load) else (where, kwargs)
 
 
 def save_plain_model(base, tok, folder) -> None:

@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The embedded GGUF's converted copy (prefix/gguf_cache.py): one per test session, never in the user's home.
+if "PREFIXTUNE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PREFIXTUNE_CACHE"] = tempfile.mkdtemp(prefix="prefixtune-test-cache-")
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -1,0 +1,45 @@
+"""The GGUF base converted once into a plain folder (prefix/gguf_cache.py) loads what the GGUF file loads."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from prefixtune.prefix import gguf_cache
+from prefixtune.prefix.base import load_base, resolve_model
+
+
+def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
+    where, kwargs = resolve_model(None)
+    assert gguf_cache.lookup(where, kwargs, "bf16") == (where, kwargs)  # nothing converted yet
+
+    base, tok, name = load_base(None, "bf16")  # converts, then loads the copy
+    folder = gguf_cache.cached_folder(where, kwargs, "bf16")
+    assert name == "smollm2" and (folder / "model.safetensors").is_file()
+    assert gguf_cache.lookup(where, kwargs, "bf16") == (str(folder), {})
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temporary left
+
+    ref = AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16, **kwargs).eval()  # the GGUF route
+    ref_tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    for text in ["Hello world 😃", "  two  spaces\n\nand lines", "日本語", "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok(text).input_ids == ref_tok(text).input_ids, text
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == ref_tok.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([tok("The quick brown fox").input_ids])
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, ref(ids).logits)
+    for (n, p), (_, q) in zip(base.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_an_unwritable_cache_falls_back_to_the_gguf_file(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(gguf_cache.ENV, str(blocked / "cache"))  # mkdir fails: a file is in the way
+    where, kwargs = resolve_model(None)
+    assert gguf_cache.convert(where, kwargs, "bf16", lambda: (_ for _ in ()).throw(AssertionError("no load"))) is False
+    assert gguf_cache.lookup(where, kwargs, "bf16") == (where, kwargs)
+    assert os.listdir(tmp_path) == ["file"]
