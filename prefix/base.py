@@ -274,14 +274,16 @@ def _converted(model: str | None, where: str, kwargs: dict, dtype: str) -> tuple
 def save_plain_model(base, tok, folder) -> None:
     """Save a loaded base (and its tokenizer) as a plain Hugging Face folder. A GGUF checkpoint loads dequantized but
     keeps a quantization_config that would make the saved folder claim GGUF weights; it is dropped, and the
-    dequantized weights are saved as they are. (For tools that need a folder: transformers serve, disk offload.)"""
+    dequantized weights are saved as they are. (For the GGUF cache, transformers serve, disk offload.) Written on any
+    rank: `save_pretrained` writes weights only on rank 0 of a process group."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
     config = base.config
     if hasattr(config, "quantization_config"):
-        from transformers import AutoModelForCausalLM
-
         config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(base.state_dict())
-        base = plain
-    base.save_pretrained(folder)
+    config.save_pretrained(folder)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(folder)
+    save_model(base, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
     tok.save_pretrained(folder)

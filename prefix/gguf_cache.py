@@ -39,12 +39,16 @@ def lookup(where: str, kwargs: dict, dtype: str | None = None) -> tuple[str, dic
     try:
         if dtype is None:  # config and tokenizer: any converted copy has them
             found = [cached_folder(where, kwargs, d) for d in ("fp32", "bf16", "fp16")]
-            folder = next((f for f in found if (f / "config.json").is_file()), found[0])
+            folder = next((f for f in found if _complete(f)), found[0])
         else:
             folder = cached_folder(where, kwargs, dtype)
     except OSError:
         return where, kwargs
-    return (str(folder), {}) if (folder / "config.json").is_file() else (where, kwargs)
+    return (str(folder), {}) if _complete(folder) else (where, kwargs)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 def convert(where: str, kwargs: dict, dtype: str, load) -> bool:
@@ -59,8 +63,9 @@ def convert(where: str, kwargs: dict, dtype: str, load) -> bool:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.parent / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # another rank converting: wait for it, then find its folder
-            if (folder / "config.json").is_file():
+            if _complete(folder):
                 return True
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete copy (an older writer's): write it again
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
             try:
                 model, tok = load()

@@ -16,7 +16,12 @@ def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):
     where, kwargs = resolve_model(None)
     assert gguf_cache.lookup(where, kwargs, "bf16") == (where, kwargs)  # nothing converted yet
 
+    # as the second rank of a launch: save_pretrained would write no weights there (only rank 0 saves)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
     base, tok, name = load_base(None, "bf16")  # converts, then loads the copy
+    monkeypatch.undo()
+    monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
     folder = gguf_cache.cached_folder(where, kwargs, "bf16")
     assert name == "smollm2" and (folder / "model.safetensors").is_file()
     assert gguf_cache.lookup(where, kwargs, "bf16") == (str(folder), {})
