@@ -95,6 +95,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def return_freed_memory() -> None:
+    """glibc serves allocations below its mmap threshold from heaps it rarely gives back, and raises that threshold
+    itself (up to 32 MiB) when a large block is freed: after a few steps ~470 MiB of freed activation memory stayed in
+    the process (SmolLM2-135M, batch 8, bf16). A fixed 4 MiB threshold maps each larger tensor on its own, so freeing
+    it returns the memory (peak RSS 1466 -> 1337 MiB on the bench settings, no slower). Linux/glibc only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def init_distributed():
     """Join the launcher's process group, or make a one-process group when run without the launcher."""
     import deepspeed
@@ -459,6 +472,7 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         lock.acquire()  # before anything is written; other ranks never write
         out.remove_leftovers()
+    return_freed_memory()
     try:
         run = setup(a, ds_cfg, out)
         step, best = resume(run) if a.resume else start(run)
