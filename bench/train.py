@@ -25,6 +25,9 @@ What is measured, and how:
   `clip_grad_norm_(1.0)` (the trainer's default clipping), `step()`, `zero_grad()`. It gets the same batches as
   the trainer, step by step (prefixtune's own `build_split` / `collate`, the trainer's seeded order), in its own
   subprocess, with as many threads as the trainer uses.
+* A third row runs our trainer again with --gradient_checkpointing (skip it with --no_checkpointing_row): the memory
+  lever. PEFT has no such row: Hugging Face hands a checkpointed decoder layer past_key_values=None, so PEFT's
+  prefix (a cache) would silently drop out of training.
 * Tokens are counted the way the trainer counts them (train/loop.py, PrefixLM.forward): labelled next-token
   targets, i.e. the real (unpadded) tokens of each example minus its first one, which nothing predicts. Padding
   never counts.
@@ -411,7 +414,8 @@ class Bench:
         return {"data": self.data_arg(data), "max_seq_len": max_seq_len, "batch_size": batch, "n_steps": n_steps,
                 "seed": self.a.seed, "dev_size": self.a.dev_data_size, "batching": self.a.batching}
 
-    def ours(self, key: str, dtype: str, prefix_len: int, c: dict, warmup: int, launcher: str) -> dict:
+    def ours(self, key: str, dtype: str, prefix_len: int, c: dict, warmup: int, launcher: str,
+             extra: tuple = ()) -> dict:
         a = self.a
         self.n_run += 1
         save_dir, name = self.tmp / f"run{self.n_run}", "bench"
@@ -423,7 +427,7 @@ class Bench:
              "--batch_size", str(c["batch_size"] // procs), "--max_seq_len", str(c["max_seq_len"]),
              "--max_steps", str(c["n_steps"]), "--eval_every", str(10**9), "--dev_data_size", str(a.dev_data_size),
              "--seed", str(a.seed), "--batching", a.batching, "--save_dir", str(save_dir), "--save_name", name] + \
-            shlex.split(a.trainer_args)
+            shlex.split(a.trainer_args) + list(extra)
         if launcher == "deepspeed":
             ds = shutil.which("deepspeed", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                   os.environ.get("PATH", "")]))
@@ -445,7 +449,8 @@ class Bench:
         log = self.tmp / f"train{self.n_run}.log"
         res = run_watched(cmd, env, log, lambda: metrics.exists() and metrics.stat().st_size > 0, a.timeout, self.tmp)
         row = {"impl": "prefixtune", "launcher": launcher, "procs": procs, "dtype": dtype, "prefix_len": prefix_len,
-               "max_seq_len": c["max_seq_len"], "batch_size": c["batch_size"], "command": shlex.join(cmd), **res}
+               "max_seq_len": c["max_seq_len"], "batch_size": c["batch_size"], "checkpointing": bool(extra),
+               "command": shlex.join(cmd), **res}
         if res["rc"] != 0:
             row["error"] = _tail(log, 3).strip().splitlines()[-1] if _tail(log, 3).strip() else f"exit {res['rc']}"
             print(f"trainer failed ({res['rc']}), log {log}:\n{_tail(log)}", file=sys.stderr)
@@ -549,7 +554,7 @@ def main_table(rows: list[dict], probe: dict, a) -> dict:
     for r in rows:
         how = "python -m train" if r["launcher"] == "python" else f"deepspeed x{r['procs']}"
         name = (f"prefixtune {how}" if r["impl"] == "prefixtune" else "PEFT prefix tuning, AdamW loop") \
-            + f" {r['dtype']}"
+            + f" {r['dtype']}" + (" + ckpt" if r.get("checkpointing") else "")
         if "tokens_per_s" not in r:
             print(f"{name:<38}  failed: {r.get('error')}")
             continue
@@ -560,7 +565,7 @@ def main_table(rows: list[dict], probe: dict, a) -> dict:
     ratios = {}
     for dt in a.dtypes:
         for launcher in {r["launcher"] for r in rows if r["impl"] == "prefixtune"}:
-            ours = next((r for r in rows if r["impl"] == "prefixtune" and r["dtype"] == dt
+            ours = next((r for r in rows if r["impl"] == "prefixtune" and r["dtype"] == dt and not r.get("checkpointing")
                          and r["launcher"] == launcher and "tokens_per_s" in r), None)
             peft = next((r for r in rows if r["impl"] == "peft" and r["dtype"] == dt and "tokens_per_s" in r), None)
             if not ours:
@@ -578,6 +583,19 @@ def main_table(rows: list[dict], probe: dict, a) -> dict:
             print(f"\nours ({launcher}, {dt}) {vs}roofline {100 * q['roofline_share']:.1f} %"
                   + (f" (goal >= 50 % in bf16: {'met' if q['roofline_share'] >= GOALS['roofline_bf16'] else 'MISSED'})"
                      if dt == "bf16" else " (the 50 % goal is for bf16)"))
+            ckpt = next((r for r in rows if r.get("checkpointing") and r["dtype"] == dt and r["launcher"] == launcher
+                         and "tokens_per_s" in r), None)
+            if ckpt and peft:
+                q["checkpointing"] = {"tokens_per_s_vs_peft": ckpt["tokens_per_s"] / peft["tokens_per_s"],
+                                      "peak_vs_peft": ckpt["peak_mib"] / peft["peak_mib"],
+                                      "train_peak_vs_peft": (ckpt["train_peak_mib"] / peft["train_peak_mib"]
+                                                             if probe["device"] == "cpu" and peft["train_peak_mib"]
+                                                             else None)}
+                k = q["checkpointing"]
+                print(f"ours + --gradient_checkpointing ({launcher}, {dt}) / PEFT (which cannot checkpoint a prefix: "
+                      f"HF drops past_key_values in checkpointed layers): tokens/s {k['tokens_per_s_vs_peft']:.2f}x; "
+                      f"peak memory {check(k['peak_vs_peft'], GOALS['peak_vs_peft'], False)}"
+                      + (f" (while training {k['train_peak_vs_peft']:.2f}x)" if k["train_peak_vs_peft"] else ""))
     print("\ntokens/s = sum of the timed steps' labelled tokens / sum of their step times (warm-up steps dropped); "
           "overhead = wall time outside the timed and warm-up steps (imports, model load, dev evaluations, saves); "
           "others = CPUs kept busy by processes outside the run, on average over it. "
@@ -637,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "0 --gradient_checkpointing' (PEFT does not get them); not the "
                                                        "data, batch, length, precision or output flags the bench sets")
     p.add_argument("--no_peft", action="store_true", help="skip the PEFT side (no ratios)")
+    p.add_argument("--no_checkpointing_row", action="store_true",
+                   help="skip the extra run of our trainer with --gradient_checkpointing (the memory lever)")
     p.add_argument("--rounds", type=int, default=1, help="run ours and PEFT this many times, interleaved, and keep "
                                                          "each one's median by tokens/s (a shared machine drifts)")
     p.add_argument("--scaling", action="store_true", help="also run the scaling tables (our trainer only; slow)")
@@ -699,10 +719,14 @@ def run(a, tmp: Path) -> int:
     probe = b.run_probe(configs, a.dtypes)
     rows = []
     for dt in a.dtypes:
-        runs = {"ours": [], "peft": []}
+        runs = {"ours": [], "ckpt": [], "peft": []}
         for i in range(a.rounds):
             print(f"[{dt} round {i + 1}/{a.rounds}] prefixtune ({a.launcher}) ...", file=sys.stderr)
             runs["ours"].append(b.ours("main", dt, a.prefix_len, configs["main"], a.warmup, a.launcher))
+            if not a.no_checkpointing_row:
+                print(f"[{dt} round {i + 1}/{a.rounds}] prefixtune + --gradient_checkpointing ...", file=sys.stderr)
+                runs["ckpt"].append(b.ours("main", dt, a.prefix_len, configs["main"], a.warmup, a.launcher,
+                                           ("--gradient_checkpointing",)))
             if not a.no_peft:
                 print(f"[{dt} round {i + 1}/{a.rounds}] PEFT ...", file=sys.stderr)
                 runs["peft"].append(b.peft("main", dt, a.prefix_len, configs["main"], a.warmup))
