@@ -279,9 +279,9 @@ def save_plain_model(base, tok, folder) -> None:
     from safetensors.torch import save_model
 
     folder = Path(folder)
-    config = base.config
-    if hasattr(config, "quantization_config"):
-        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    config = type(base.config).from_dict({k: v for k, v in base.config.to_dict().items()
+                                          if k != "quantization_config"})
+    config.architectures = [type(base).__name__]  # what save_pretrained records; transformers serve needs it
     config.save_pretrained(folder)
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(folder)

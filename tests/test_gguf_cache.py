@@ -1,6 +1,7 @@
 """The GGUF base converted once into a plain folder (prefix/gguf_cache.py) loads what the GGUF file loads."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -24,6 +25,8 @@ def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
     folder = gguf_cache.cached_folder(where, kwargs, "bf16")
     assert name == "smollm2" and (folder / "model.safetensors").is_file()
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in saved
     assert gguf_cache.lookup(where, kwargs, "bf16") == (str(folder), {})
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temporary left
 
