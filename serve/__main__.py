@@ -172,8 +172,10 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .engine import in_passing_thread
+
     try:
-        app, engine = build(args)
+        app, engine = in_passing_thread(build, args)  # model loading leaves no OpenMP pool behind (engine.py)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

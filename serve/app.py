@@ -34,6 +34,7 @@ from prefixtune.prefix.base import one_line
 from prefixtune.prefix.io import BASE_TASK, check_base_model, check_compatible, check_task_name, load_prefix
 
 from .detok import IncrementalDetokenizer, StopText
+from .engine import in_passing_thread
 from .metrics import Metrics
 from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
                        parse)
@@ -220,8 +221,8 @@ class ServeState:
                 raise ApiError(400, f"task {name!r} is already loaded (from {self.sources.get(name, '?')}); "
                                "unload it first or pass load_inplace=true", param="lora_name")
             try:
-                table, shape = await asyncio.to_thread(self._read_checked, name, path)
-                await asyncio.to_thread(self.engine.add_task, name, table, shape, replace)
+                table, shape = await asyncio.to_thread(in_passing_thread, self._read_checked, name, path)
+                await asyncio.to_thread(in_passing_thread, self.engine.add_task, name, table, shape, replace)
             except (ValueError, FileNotFoundError, OSError) as e:
                 raise ApiError(400, f"cannot load task {name!r}: {one_line(e)}", param="lora_path") from None
             self.sources[name] = str(path)
