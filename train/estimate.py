@@ -141,15 +141,18 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
 
         layer = T*(cE*E + cI*I + 4*Hq) + (T+P)*2*Hq*D*s + 2*T*(T+P)      per sequence, per layer
 
-    cE*E: query, attention output and the norms' inputs -- Llama-family 2s + 8 (RMSNorm keeps an fp32 copy),
-    GPT-NeoX 4s (3s with parallel residual), GPT-2 6s; cI*I: the MLP -- Llama 3s (SiLU input, both operands of
-    the gate product), GPT-NeoX 1s (GELU input), GPT-2 4s; 4*Hq: SDPA's fp32 log-sum-exp; keys and values with the
-    prefix in front, repeated to the query heads; the boolean masks with the prefix columns.
+    cE*E: query, attention output and the norms' inputs -- Llama-family 4s (prefix/lean.py: each RMSNorm keeps its
+    16-bit input and a scale per row), GPT-NeoX 4s (3s with parallel residual), GPT-2 6s; cI*I: the MLP -- Llama 2s
+    (the gate and up projections; silu is recomputed), GPT-NeoX 1s (GELU input), GPT-2 4s; 4*Hq: SDPA's fp32
+    log-sum-exp; keys and values with the prefix in front, repeated to the query heads; the boolean masks with the
+    prefix columns. (On the CPU the explicit attention core keeps its probabilities instead of the log-sum-exp and
+    unrepeated keys and values; for short rows the two come out about the same.)
 
     Without checkpointing: L * B * layer. With checkpointing: the layer inputs L*B*T*E*s plus one layer recomputed
     in backward (B * layer). Both add a backward working set of one layer (B * layer) and the LM head: the loss runs
-    it over labelled tokens only, N <= B*(T-1), and at its backward holds the fp32 log-softmax, its gradient and
-    the logits' gradient: 12*N*V bytes, plus the final norm's fp32 input B*T*E*4.
+    it over labelled tokens only, N <= B*(T-1), a chunk of rows at a time (prefix/loss.py): one chunk's logits,
+    fp32 log-probabilities and 16-bit probabilities (8 bytes per value, CHUNK_VALUES values) and the (N, E)
+    gradient it keeps for backward.
     """
     c = _text(config)
     from prefixtune.prefix.shapes import base_dims
@@ -163,7 +166,7 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     elif mt == "gpt_neox":
         cE, cI, stats = (3 if getattr(c, "use_parallel_residual", True) else 4) * s, s, 16
     else:  # Llama family (RMSNorm, gated MLP) and the rest
-        cE, cI, stats = 2 * s + 8, 3 * s, 8
+        cE, cI, stats = 4 * s, 2 * s, 8
     T, P, B = seq, prefix, batch
     layer = B * (T * (cE * E + cI * inter + 4 * Hq + stats) + (T + P) * 2 * Hq * D * s + 2 * T * (T + P))
     parts = {}
@@ -172,7 +175,11 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     else:
         parts["activations kept for backward, all layers"] = L * layer
     parts["backward working set (one layer's gradients)"] = layer
-    parts["LM head over labelled tokens (fp32 log-softmax + gradients)"] = 12 * B * (T - 1) * V + 4 * B * T * E
+    from prefixtune.prefix.loss import CHUNK_VALUES
+
+    rows = B * (T - 1)
+    parts["LM head: one chunk of logits + hidden gradient"] = \
+        8 * min(rows * V, max(V, CHUNK_VALUES)) + rows * E * s
     return parts
 
 
