@@ -444,3 +444,16 @@ def test_padded_prefill_takes_joiners_within_the_token_budget(setups):
     engine.shutdown()
     for k, (text, task) in enumerate(reqs):
         assert c.tokens[k] == s.reference(text, task, 4), (text, task)
+
+
+def test_in_passing_thread_returns_and_raises_in_the_caller():
+    import threading
+
+    from prefixtune.serve.engine import in_passing_thread
+
+    names = []
+    assert in_passing_thread(lambda x, y=0: (names.append(threading.current_thread().name), x + y)[1], 2, y=3) == 5
+    assert names == ["prefixtune-setup"] and threading.current_thread().name != names[0]
+    with pytest.raises(ValueError, match="bad prefix"):
+        in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad prefix")))
+    assert not [t for t in threading.enumerate() if t.name == "prefixtune-setup"]  # the thread is gone
