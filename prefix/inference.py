@@ -214,11 +214,11 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
     completion does not depend on the rows around it."""
     from tqdm import tqdm
 
-    from prefixtune.serve.engine import Engine, GenRequest, QueueFull
+    from prefixtune.serve.engine import Engine, GenRequest, QueueFull, in_passing_thread
 
-    engine = Engine(gen.model, gen.tok, max_batch_size=batch_size, max_queue=max(1, len(rows)))
+    engine = in_passing_thread(Engine, gen.model, gen.tok, max_batch_size=batch_size, max_queue=max(1, len(rows)))
     for name, (table, shape) in gen.tasks.items():
-        engine.add_task(name, table, shape)
+        in_passing_thread(engine.add_task, name, table, shape)
     stop = stop_tokens(gen.model)
     seeds = torch.randint(0, 2**62, (len(rows),)).tolist()
     outs: list[list[int]] = [[] for _ in rows]
@@ -333,6 +333,8 @@ def _error(e: BaseException) -> SystemExit:
 
 
 def main(argv=None) -> int:
+    from prefixtune.serve.engine import in_passing_thread
+
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise SystemExit(f"error: expected --max_new_tokens of at least 1, got {args.max_new_tokens}")
@@ -362,15 +364,16 @@ def main(argv=None) -> int:
     try:
         check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
         device_map, max_memory, offload_dir = placement
-        base, tok, _ = load_base(model, args.dtype, args.device, config=config, device_map=device_map,
-                                 max_memory=max_memory, offload_dir=offload_dir,
-                                 log=lambda line: print(line, file=sys.stderr), quantize=args.quantize)
+        # in a thread that ends with it: no OpenMP pool left beside the batch engine's (serve/engine.py)
+        base, tok, _ = in_passing_thread(load_base, model, args.dtype, args.device, config=config,
+                                         device_map=device_map, max_memory=max_memory, offload_dir=offload_dir,
+                                         log=lambda line: print(line, file=sys.stderr), quantize=args.quantize)
     except (ValueError, FileNotFoundError) as e:
         raise _error(e) from None
     gen = Generator(base, tok)
     try:
         for path, prefix in loaded:
-            gen.add_prefix(path, loaded=prefix)
+            in_passing_thread(gen.add_prefix, path, loaded=prefix)
     except (ValueError, FileNotFoundError) as e:
         raise _error(e) from None
     sampling = sampling_from(args)

@@ -186,7 +186,7 @@ def in_passing_thread(fn: Callable, *args, **kwargs):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             out["error"] = e
 
-    thread = threading.Thread(target=run, name="prefixtune-setup")
+    thread = threading.Thread(target=run, name="prefixtune-setup", daemon=True)  # Ctrl-C still ends the process
     thread.start()
     thread.join()
     if "error" in out:
