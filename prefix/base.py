@@ -223,8 +223,6 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
     `parse_max_memory`) is offloaded to the CPU or to `offload_dir` on disk and moved in layer by layer when used.
     The input embeddings stay on the main device (see `plan_device_map`). `log(text)` receives one line that says
     where the weights went."""
-    from transformers import AutoModelForCausalLM
-
     from .offload import load_offloaded, offload_options
 
     device_map, max_memory, offload_dir = offload_options(device_map, max_memory, offload_dir)
@@ -246,13 +244,19 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
         if "gguf_file" in kwargs:  # converted once into a plain folder (gguf_cache.py); its own config goes with it
             where, kwargs = _converted(model, where, kwargs, dtype)
             config = config if "gguf_file" in kwargs else None
-        base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=DTYPES[dtype], **kwargs))
+        base = _weights(model, where, kwargs, dtype, config)
         base.to(device).eval().requires_grad_(False)
         return base, load_tokenizer(model), model_display_name(model)
 
     base = load_offloaded(model, where, kwargs, config, dtype, device_map, max_memory, offload_dir, device, log)
     return base, load_tokenizer(model), model_display_name(model)
+
+
+def _weights(model: str | None, where: str, kwargs: dict, dtype: str, config=None):
+    from transformers import AutoModelForCausalLM
+
+    return _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
+        where, config=config, dtype=DTYPES[dtype], **kwargs))
 
 
 def _converted(model: str | None, where: str, kwargs: dict, dtype: str) -> tuple[str, dict]:
@@ -262,11 +266,7 @@ def _converted(model: str | None, where: str, kwargs: dict, dtype: str) -> tuple
         return found
 
     def load():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        weights = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
-            where, dtype=DTYPES[dtype], **kwargs))
-        return weights, _loading(model, "tokenizer", lambda: AutoTokenizer.from_pretrained(where, **kwargs))
+        return _weights(model, where, kwargs, dtype), load_tokenizer(model)
 
     return gguf_cache.lookup(where, kwargs, dtype) if gguf_cache.convert(where, kwargs, dtype, load) else (where, kwargs)
 
