@@ -185,7 +185,9 @@ def make_optimizer(params, a: TrainArgs, offload: bool, device):
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(params, lr=a.max_lr, weight_decay=a.weight_decay, adam_w_mode=True)
-    return torch.optim.AdamW(params, lr=a.max_lr, weight_decay=a.weight_decay)
+    # fused: one pass over the flat fp32 partition instead of one per Adam op (2 vs 20 ms for 6.2M values on a
+    # 2-core CPU)
+    return torch.optim.AdamW(params, lr=a.max_lr, weight_decay=a.weight_decay, fused=device.type == "cpu")
 
 
 def setup(a: TrainArgs, ds_cfg: dict, out: Outputs) -> Run:
