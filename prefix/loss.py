@@ -25,8 +25,8 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         narrow = hidden.dtype != torch.float32
         rows = max(1, min(n_rows, CHUNK_BYTES // (vocab * (4 + hidden.element_size() * narrow))))
-        # One set of buffers for every chunk: a fresh multi-MiB tensor is a fresh mapping (return_freed_memory in
-        # train/loop.py), and its page faults cost as much as the log-softmax itself.
+        # One set of buffers for every chunk: a multi-MiB tensor allocated per chunk can be a fresh mapping each time,
+        # whose page faults cost as much as the log-softmax itself.
         logits_buf = hidden.new_empty((rows, vocab))  # (rows, V) in the model's dtype; later the gradient
         log_probs_buf = torch.empty((rows, vocab), device=hidden.device) if narrow else logits_buf  # fp32
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
