@@ -196,9 +196,11 @@ def test_no_dropout_in_checkpointed_layers_that_call_it_themselves():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_training_loss_and_gradients_match_eager_cache_reference(arch, padding, monkeypatch):
-    """The training route (explicit attention core with its own backward, chunked loss through the frozen head)
-    against HF's eager attention over a hand-built cache and the plain full-vocabulary cross-entropy."""
+@pytest.mark.parametrize("route", ["explicit", "sdpa"])
+def test_training_loss_and_gradients_match_eager_cache_reference(arch, padding, route, monkeypatch):
+    """The training route (explicit attention core with its own backward, or SDPA above EXPLICIT_MAX_SCORES;
+    chunked loss through the frozen head) against HF's eager attention over a hand-built cache and the plain
+    full-vocabulary cross-entropy."""
     import torch.nn.functional as F
 
     import prefixtune.prefix.attention as attention
@@ -208,6 +210,8 @@ def test_training_loss_and_gradients_match_eager_cache_reference(arch, padding, 
     real_apply = attention.PrefixAttentionCore.apply
     monkeypatch.setattr(attention.PrefixAttentionCore, "apply", lambda *a: calls.append(1) or real_apply(*a))
     monkeypatch.setattr(loss_mod, "CHUNK_BYTES", 300 * 4 * 4)  # 4 fp32 rows a chunk: several, a ragged last one
+    if route == "sdpa":
+        monkeypatch.setattr(attention, "EXPLICIT_MAX_SCORES", 0)
     torch.manual_seed(5)
     model = tiny_model(arch)
     eager = tiny_model(arch, attn="eager")
@@ -220,7 +224,7 @@ def test_training_loss_and_gradients_match_eager_cache_reference(arch, padding, 
 
     loss, n = lm(ids, mask, labels)
     ours = torch.autograd.grad(loss, list(enc.parameters()))
-    assert calls, "the explicit attention core did not run"
+    assert bool(calls) == (route == "explicit"), f"the {route} route did not run"
 
     logits = reference_logits(eager, enc(), ids, mask)[:, :-1]  # (B, T-1, V)
     targets = labels[:, 1:]
