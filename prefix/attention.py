@@ -53,11 +53,10 @@ class PrefixAttentionCore(torch.autograd.Function):
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), q)  # q carries the scale already
         return grad_query, grad_key, grad_value, None, None
 
-# Above this many scores per head (queries x keys) the explicit form's passes over its (T, P+T) probabilities leave the
-# caches and the fused kernel wins. Forward + backward, bf16, 9 query / 3 key-value heads, on a 2-core CPU: 2.8 vs
-# 4.9 ms at 64 x 80 (batch 8), 9.6 vs 12.7 at 176 x 192 (batch 4), 9.2 vs 6.6 at 240 x 256 (batch 2), 205 vs 100 at
-# 512 x 528 (batch 8) -- the crossover follows the per-head size, whatever the batch.
-EXPLICIT_MAX_SCORES = 192 * 192
+# Above this many scores per head (queries x keys) the explicit form's passes over its (T, P+T) probabilities cost more
+# than the fused kernel's backward. Measured in the trainer (SmolLM2 bf16, batch 8, 2-core CPU, tokens/s explicit vs
+# SDPA): 256 tokens 805 vs 712, 384 tokens 811 vs 702, 256 tokens with P=256 673 vs 496, 512 tokens 406 vs 534.
+EXPLICIT_MAX_SCORES = 400 * 416
 
 
 def _explicit(query, key, dropout, kwargs) -> bool:
