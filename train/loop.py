@@ -103,10 +103,11 @@ def return_freed_memory(low_memory: bool = False) -> None:
     process (SmolLM2-135M, batch 8, bf16). Fixed thresholds stop that drift. Blocks above the mmap threshold are
     fresh mappings whose pages fault in again at every allocation: the loss buffers and DeepSpeed's flat copies of
     the encoder's gradients (20-30 MiB each) cost ~32,000 page faults and ~55 ms of kernel time a step at a 4 MiB
-    threshold, ~6,000 and ~14 ms at 64 MiB, for 3-5 % more tokens/s and the same peak RSS within 2 %. With
-    `low_memory` (gradient checkpointing, the memory lever) the threshold stays at 4 MiB: there the heap's
-    fragments would raise the peak by ~6 % (1160 -> 1227 MiB over 20 steps on those settings). Otherwise the heap
-    also keeps up to 256 MiB free at its top for the next step instead of returning it and faulting it in again."""
+    threshold, ~6,000 and ~14 ms at 64 MiB, for 3-5 % more tokens/s; the peak RSS moves more from run to run
+    (1376-1481 MiB in four bench runs against 1401-1408 at 4 MiB). With `low_memory` (gradient checkpointing, the
+    memory lever) the threshold stays at 4 MiB: there the heap's fragments would raise the peak by ~6 % (1160 ->
+    1227 MiB over 20 steps on those settings). Otherwise the heap also keeps up to 256 MiB free at its top for the
+    next step instead of returning it and faulting it in again."""
     import ctypes
 
     try:
