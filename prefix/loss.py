@@ -46,7 +46,8 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
                 target_grad = probs.gather(1, t) - 1
                 if narrow:
                     probs = logits.copy_(probs)
-                probs[row[:len(h)], t[:, 0]] = target_grad[:, 0].to(probs.dtype)  # (scatter_ walks all of probs)
+                # indexing, not scatter_: on a bf16 CPU tensor of 113 x 49,152 scatter_ takes 1.9 ms, indexing 4 us (fp32: 2 us)
+                probs[row[:len(h)], t[:, 0]] = target_grad[:, 0].to(probs.dtype)
                 torch.mm(probs, weight, out=grad[start:start + len(h)])
         ctx.save_for_backward(grad)
         return total

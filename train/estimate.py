@@ -146,7 +146,8 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     (the gate and up projections; silu is recomputed), GPT-NeoX 1s (GELU input), GPT-2 4s; 4*Hq: SDPA's fp32
     log-sum-exp; keys and values with the prefix in front, repeated to the query heads; the boolean masks with the
     prefix columns. (On the CPU the explicit attention core keeps its probabilities instead of the log-sum-exp and
-    unrepeated keys and values; for short rows the two come out about the same.)
+    unrepeated keys and values: for rows of ~100 tokens the two come out about the same, but near its 400-token limit
+    the probabilities are ~3x this term, and the plan runs low there.)
 
     Without checkpointing: L * B * layer. With checkpointing: the layer inputs L*B*T*E*s plus one layer recomputed
     in backward (B * layer). Both add a backward working set of one layer (B * layer) and the LM head: the loss runs

@@ -111,12 +111,16 @@ def return_freed_memory(low_memory: bool = False) -> None:
     import ctypes
 
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, (4 if low_memory else 64) << 20)  # M_MMAP_THRESHOLD
-        if not low_memory:
-            libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # some glibc versions refuse an mmap threshold above HEAP_MAX_SIZE / 2 (32 MiB) and return 0: then take 32 MiB
+    for mib in (4,) if low_memory else (64, 32):
+        if mallopt(M_MMAP_THRESHOLD, mib << 20):
+            if not low_memory:
+                mallopt(M_TRIM_THRESHOLD, 256 << 20)
+            return
 
 
 def init_distributed():
@@ -198,7 +202,8 @@ def make_optimizer(params, a: TrainArgs, offload: bool, device):
         return FusedAdam(params, lr=a.max_lr, weight_decay=a.weight_decay, adam_w_mode=True)
     # fused: one pass over the flat fp32 partition instead of one per Adam op (2 vs 20 ms for 6.2M values on a
     # 2-core CPU)
-    return torch.optim.AdamW(params, lr=a.max_lr, weight_decay=a.weight_decay, fused=device.type == "cpu")
+    fused = True if device.type == "cpu" else None  # None: torch's own default (foreach) elsewhere
+    return torch.optim.AdamW(params, lr=a.max_lr, weight_decay=a.weight_decay, fused=fused)
 
 
 def setup(a: TrainArgs, ds_cfg: dict, out: Outputs) -> Run:
