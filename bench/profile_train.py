@@ -36,7 +36,7 @@ def main() -> int:
         flags = ["--bf16", "--prefix_seq_len", "16", "--batch_size", "8", "--max_seq_len", "96",
                  "--max_steps", str(a.steps + 2), "--save_dir", tmp, "--save_name", "profile", *a.trainer_flags]
         args = parse_args(flags)
-        loop.return_freed_memory(low_memory=args.gradient_checkpointing)
+        loop.pin_malloc_thresholds(low_memory=args.gradient_checkpointing)
         run = loop.setup(args, build_ds_config(args, 1), Outputs(Path(tmp), "profile"))
         run.engine.train()
         for step in range(2):

@@ -152,7 +152,7 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     Without checkpointing: L * B * layer. With checkpointing: the layer inputs L*B*T*E*s plus one layer recomputed
     in backward (B * layer). Both add a backward working set of one layer (B * layer) and the LM head: the loss runs
     it over labelled tokens only, N <= B*(T-1), a chunk of rows at a time (prefix/loss.py): one chunk's logits in
-    the model's dtype and their fp32 log-probabilities (at most CHUNK_BYTES), and the (N, E) gradient it keeps for
+    the model's dtype and their fp32 log-probabilities (prefix/loss.py chunk_rows), and the (N, E) gradient it keeps for
     backward.
     """
     c = _text(config)
@@ -176,12 +176,11 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     else:
         parts["activations kept for backward, all layers"] = L * layer
     parts["backward working set (one layer's gradients)"] = layer
-    from prefixtune.prefix.loss import CHUNK_BYTES
+    from prefixtune.prefix.loss import chunk_row_bytes, chunk_rows
 
     rows = B * (T - 1)
-    row_bytes = V * (4 + (s if s != 4 else 0))
     parts["LM head: one chunk of logits + hidden gradient"] = \
-        row_bytes * min(rows, max(1, CHUNK_BYTES // row_bytes)) + rows * E * s
+        chunk_row_bytes(V, s) * chunk_rows(rows, V, s) + rows * E * s
     return parts
 
 

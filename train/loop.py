@@ -95,7 +95,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def return_freed_memory(low_memory: bool = False) -> None:
+def pin_malloc_thresholds(low_memory: bool = False) -> None:
     """Pin glibc's malloc thresholds (Linux/glibc only; elsewhere nothing happens).
 
     Left to itself, glibc raises its mmap threshold (up to 32 MiB) whenever a large block is freed, and freed blocks
@@ -499,7 +499,7 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         lock.acquire()  # before anything is written; other ranks never write
         out.remove_leftovers()
-    return_freed_memory(low_memory=a.gradient_checkpointing)
+    pin_malloc_thresholds(low_memory=a.gradient_checkpointing)
     try:
         run = setup(a, ds_cfg, out)
         step, best = resume(run) if a.resume else start(run)
