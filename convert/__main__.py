@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s = sub.add_parser("retask", help="rename the task of a prefix file (its header field task)")
     s.add_argument("--prefix", required=True)
-    s.add_argument("--task", required=True, help="new task name: letters, digits, '_', '-'; not 'base'")
+    s.add_argument("--task", required=True, help="new task name: 1-64 letters, digits, '_', '-' or '.'; not 'base'")
     s.add_argument("--out", help="write here instead of rewriting --prefix in place")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p

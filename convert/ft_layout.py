@@ -29,6 +29,8 @@ import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from prefixtune.prefix.tasks import task_name_problem as core_task_name_problem
 import torch
 
 from prefixtune.prefix.shapes import PrefixShape
@@ -36,8 +38,6 @@ from prefixtune.prefix.shapes import PrefixShape
 FT_ROTARY_BASE = 10000.0  # FT's GPT-NeoX kernels hard-code these
 FT_LAYERNORM_EPS = 1e-5
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-RESERVED_TASKS = ("base",)  # "no prefix" in the REPL (prefix_inference) and the Triton client
 PLACEHOLDER_PREFIX = "_removed_"  # a removed task's slot in config.ini: "_removed_<id>", prompt length 0
 RENAME_HINT = ("retrain with --task NEW, or rename the file's task with `python -m prefixtune.convert retask "
                "--prefix FILE --task NEW`")
@@ -46,14 +46,14 @@ _LAYER = re.compile(r"^gpt_neox\.layers\.(\d+)\.(.+)$")
 
 
 def task_name_problem(name) -> str | None:
-    """Why `name` cannot be a task of an export (it becomes part of file names and config.ini); None when fine."""
-    if not isinstance(name, str) or not TASK_NAME.match(name):
-        return (f"task name {name!r} must be 1-64 letters, digits, '_' or '-' (it becomes part of file names and "
-                f"config.ini)")
-    if name.lower() in RESERVED_TASKS:
-        return f"task name {name!r} is reserved: it means \"no prefix\" in prefix_inference and the Triton client"
+    """Why `name` cannot be a task of an export, or None: the project's one rule (prefix/tasks.py), plus the names
+    this export keeps for removed tasks' slots."""
+    problem = core_task_name_problem(name)
+    if problem:
+        return problem
     if name.startswith(PLACEHOLDER_PREFIX):
-        return f"task name {name!r} is reserved: names starting with {PLACEHOLDER_PREFIX!r} mark removed tasks"
+        return (f"task name {name!r} is reserved by the FasterTransformer export: names starting with "
+                f"{PLACEHOLDER_PREFIX!r} mark removed tasks in config.ini")
     return None
 
 

@@ -19,23 +19,48 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as _safetensors_bytes
 
 from .shapes import PrefixShape, base_dims
+from .tasks import BASE_TASK, check_task_name as _check_name, task_name_problem  # noqa: F401 (BASE_TASK re-exported)
 
 FORMAT = "prefixtune"
 FORMAT_VERSION = "1"
 SHAPE_KEYS = ("num_layers", "num_kv_heads", "head_dim")
-BASE_TASK = "base"  # the task name that means "no prefix"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (/proc/self/status, Linux 4.7+). Elsewhere it is swapped for
+    a restrictive one and put back at once: a file another thread creates meanwhile is private, never too open."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (mkstemp and safetensors give 0600 whatever it is)."""
+    return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes. The temporary (so the
+    file) has the mode a plain open() would give it, honouring the umask: a server or Triton process of another
+    user can read what the umask lets it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -47,6 +72,16 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def save_file(tensors: dict, filename, metadata: dict | None = None) -> None:
+    """safetensors' save_file for small files (prefix tables, adapters), written by this process into `filename`
+    itself: safetensors 0.8 writes a hidden `.tmpXXXXXX` beside the target (mode 0600, whatever the umask) and
+    renames it over, so a kill -9 mid-write would leave a name that no cleanup here knows. Callers pass an
+    `atomic_path` temporary; a new file gets open()'s mode."""
+    data = _safetensors_bytes(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
 
 
 def save_prefix(path, table: torch.Tensor, shape: PrefixShape, *, task: str, base_model: str, architecture: str,
@@ -97,10 +132,15 @@ def _header_shape(path: Path, meta: dict) -> PrefixShape:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
                          f"(expected {FORMAT_VERSION!r}); upgrade prefixtune")
-    try:
-        shape = PrefixShape(*(int(meta[k]) for k in (*SHAPE_KEYS, "prefix_len")))
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{path}: header lacks a valid {e} field") from e
+    values = []
+    for k in (*SHAPE_KEYS, "prefix_len"):
+        if k not in meta:
+            raise ValueError(f"{path}: header lacks the field {k!r}; is this a prefixtune prefix file?")
+        try:
+            values.append(int(meta[k]))
+        except ValueError:
+            raise ValueError(f"{path}: header field {k} is {meta[k]!r}, expected a whole number") from None
+    shape = PrefixShape(*values)
     if min(shape.as_dict().values()) < 1:
         raise ValueError(f"{path}: header gives a dimension below 1: {shape.as_dict()}")
     return shape
@@ -144,20 +184,15 @@ def load_prefix(path, check: Callable[[PrefixShape, dict], None] | None = None
 
 
 def check_task_name(path, name) -> None:
-    """Refuse a task name that cannot be selected: empty, or 'base' (which means "no prefix")."""
-    if not isinstance(name, str) or not name.strip() or name != name.strip():
-        raise ValueError(f"{path}: expected a task name without surrounding spaces, got {name!r}; "
-                         f"rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
-    if name == BASE_TASK:
-        raise ValueError(f"{path}: task name {BASE_TASK!r} is reserved (it means no prefix), so this prefix could "
-                         f"never be chosen; rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
+    """Refuse a prefix file whose task name could never be chosen (prefix/tasks.py has the one rule)."""
+    problem = task_name_problem(name)
+    if problem:
+        raise ValueError(f"{path}: {problem}; rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
 
 
 def rename_task(path, task: str) -> None:
     """Rewrite a prefix file's header field `task` (atomically; the table and the other fields stay)."""
-    if not task.strip() or task != task.strip() or task == BASE_TASK:
-        raise ValueError(f"expected a new task name without surrounding spaces, got {task!r}"
-                         + (f" ({BASE_TASK!r} is reserved: it means no prefix)" if task == BASE_TASK else ""))
+    _check_name(task, "the new task name")
     table, shape, meta = load_prefix(path)
     save_prefix(path, table, shape, task=task, base_model=meta.get("base_model", ""),
                 architecture=meta.get("architecture", ""), train_args=meta.get("train_args"))

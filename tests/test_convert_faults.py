@@ -322,7 +322,7 @@ def test_retask_renames_the_header_task(neox, tmp_path, cli):
     assert list_tasks(target) == [(0, "smile", 3)]
     # refusals: a reserved or unsafe name, an existing --out without --overwrite
     before = renamed.read_bytes()
-    for task, needle in [("base", "reserved"), ("../x", "must be 1-64 letters")]:
+    for task, needle in [("base", "reserved"), ("../x", "expected 1-64 letters")]:
         refused(cli("retask", "--prefix", str(renamed), "--task", task, check=False), needle, "--task")
     refused(cli("retask", "--prefix", str(bad), "--task", "other", "--out", str(renamed), check=False),
             "exists: pass --overwrite")

@@ -200,8 +200,8 @@ def test_hostile_inputs_give_one_line(case, tiny_llama_dir, sp_tokenizer_dir, te
         AutoTokenizer.from_pretrained(sp_tokenizer_dir).save_pretrained(model)
         expect = "not a causal language model"
     else:
-        extra = ["--deepspeed_config", tmp_path / "nope.json"]
-        expect = f"--deepspeed_config {tmp_path / 'nope.json'}: no such file"
+        extra = ["--deepspeed_config", tmp_path]  # a folder: neither a file to read nor a place to write one
+        expect = f"--deepspeed_config {tmp_path}: expected a JSON file, got a directory"
     proc = train("--model", model, "--data", data, *TINY, "--max_steps", 1, "--save_dir", tmp_path / "out",
                  *extra, check=False)
     err = one_line_error(proc)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
-from prefixtune.prefix.quantize import QUANTIZE_CHOICES
+from prefixtune.prefix.flags import QUANTIZE_CHOICES, DefaultsOnceFormatter  # no torch: --help answers at once
+from prefixtune.prefix.tasks import task_name_problem
 
 
 def _f(default, help: str, **kw):
@@ -78,8 +80,10 @@ class TrainArgs:
     zero_stage: int | None = _f(None, "ZeRO stage 0, 1, 2 or 3 (default 2, or the DeepSpeed config's)",
                                 choices=[0, 1, 2, 3])
     offload: bool = _f(False, "keep optimizer states on the CPU and step with DeepSpeedCPUAdam")
-    deepspeed_config: str | None = _f(None, "DeepSpeed JSON (e.g. ds_configs/zero2_offload.json); flags given on the "
-                                            "command line override its values")
+    deepspeed_config: str | None = _f(None, "DeepSpeed JSON: an existing file is read (e.g. "
+                                            "ds_configs/zero2_offload.json) and flags given on the command line "
+                                            "override its values; a missing file is written with the configuration "
+                                            "built from the flags, as the seed reference does")
     deepspeed: bool = _f(False, "accepted for the seed's command line; training always runs under DeepSpeed")
     # output
     save_name: str = _f("prefix", "prefix file name: <save_dir>/<save_name>.safetensors")
@@ -120,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train a prefix (prefix tuning, Li & Liang 2021) for a frozen causal LM under DeepSpeed. "
                     "Run as `deepspeed --module train ...` (any number of processes) or `python -m train ...` (one).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsOnceFormatter,
     )
     for f in dataclasses.fields(TrainArgs):
         meta = dict(f.metadata)
@@ -169,6 +173,15 @@ def validate_args(a: TrainArgs) -> list[str]:
         problems.append("--prefix_init_text is empty: give a text or use --prefix_init zero")
     if not a.save_name or "/" in a.save_name or a.save_name.startswith("."):
         problems.append(f"--save_name must be a plain file name (no '/', not hidden), got {a.save_name!r}")
+    else:  # the task name is fixed before any work: a run must not train to the end and save what nothing can serve
+        problem = task_name_problem(a.task if a.task is not None else a.save_name)
+        if problem:
+            flag = "--task" if a.task is not None else "--save_name (the task name when --task is not given)"
+            problems.append(f"{flag}: {problem}" + ("" if a.task is not None else "; give --task NAME"))
+    if a.deepspeed_config and not os.path.lexists(a.deepspeed_config) \
+            and not os.path.isdir(os.path.dirname(os.path.expanduser(a.deepspeed_config)) or "."):
+        problems.append(f"--deepspeed_config {a.deepspeed_config}: no such file, and its folder does not exist to "
+                        "write the built configuration into; create the folder or name an existing DeepSpeed JSON")
     if a.data and a.data_filepath:
         problems.append("--data and --data_filepath both name a data file: give one")
     if a.resume and a.overwrite:

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 def load_ds_file(path: str | None) -> dict:
-    if not path:
+    """The JSON at `path`; {} when there is none, in which case `write_built_config` writes the built one there."""
+    if not path or to_be_written(path):
         return {}
-    if not Path(path).is_file():
-        raise ValueError(f"--deepspeed_config {path}: no such file; give an existing DeepSpeed JSON (such as "
-                         "ds_configs/zero2_offload.json), or drop the flag to configure DeepSpeed with flags alone")
+    if Path(path).is_dir():
+        raise ValueError(f"--deepspeed_config {path}: expected a JSON file, got a directory; name a file (an existing "
+                         "one is read, a missing one is written with the configuration built from the flags)")
     try:
         cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -18,6 +20,24 @@ def load_ds_file(path: str | None) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"--deepspeed_config {path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def to_be_written(path: str | None) -> bool:
+    """Two conventions meet in --deepspeed_config: DeepSpeed reads the file, while the seed reference (rinna's
+    prefix-tuning-gpt, and the article's `--deepspeed_config ./ds_config.json` run from an empty folder) writes the
+    configuration it built from its flags there. An existing file is read; a missing one is written."""
+    return bool(path) and not os.path.lexists(path)
+
+
+def write_built_config(path: str, cfg: dict) -> None:
+    """Write the resolved configuration where --deepspeed_config names a missing file (rank 0, atomically, so another
+    rank that looks meanwhile reads either nothing or the whole file, which resolves to the same config)."""
+    from prefixtune.prefix.io import atomic_write_text
+
+    parent = Path(path).expanduser().parent
+    if not parent.is_dir():
+        raise ValueError(f"the folder {parent} does not exist; create it, or name an existing DeepSpeed JSON")
+    atomic_write_text(Path(path).expanduser(), json.dumps(cfg, indent=2) + "\n")
 
 
 def build_ds_config(args, world_size: int) -> dict:

@@ -31,7 +31,7 @@ from prefixtune.prefix.io import save_prefix
 from prefixtune.prefix.quantize import hidden_from_deepspeed
 
 from .args import TrainArgs, parse_args, resume_mismatches
-from .ds_config import build_ds_config, offloads, precision, unsupported_precision
+from .ds_config import build_ds_config, offloads, precision, to_be_written, unsupported_precision, write_built_config
 from .outputs import Log, Outputs, RunLock, no_space_message
 from .state import (find_state, gather_params, gather_state, optimizer_step_count, read_state, restore_state,
                     write_state)
@@ -476,6 +476,7 @@ def fit(run: Run, step: int, best: float) -> float:
 def main(argv=None) -> int:
     a = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    write_config_to = a.deepspeed_config if to_be_written(a.deepspeed_config) else None  # before rank 0 writes it
     try:
         ds_cfg = build_ds_config(a, world)
     except ValueError as e:
@@ -499,6 +500,15 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", 0)) == 0:
         lock.acquire()  # before anything is written; other ranks never write
         out.remove_leftovers()
+        if write_config_to:
+            try:
+                write_built_config(write_config_to, ds_cfg)
+            except (OSError, ValueError) as e:
+                lock.release()
+                raise SystemExit(f"error: --deepspeed_config {write_config_to}: cannot write the built configuration "
+                                 f"there ({one_line(e)})") from None
+            print(f"--deepspeed_config {write_config_to}: no such file, so the configuration built from the flags was "
+                  "written there (an existing file is read instead)", flush=True)
     pin_malloc_thresholds(low_memory=a.gradient_checkpointing)
     try:
         run = setup(a, ds_cfg, out)
