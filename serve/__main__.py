@@ -19,14 +19,14 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger("prefixtune.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prefixtune.prefix.inference import add_offload_flags
-    from prefixtune.prefix.quantize import add_quantize_flag
+    # flags.py imports no torch: --help answers at once, and torch loads in build() (after parsing)
+    from prefixtune.prefix.flags import add_device_flag, add_offload_flags, add_quantize_flag
+
+    from .limits import CHARS_PER_POSITION, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LORAS
 
     p = argparse.ArgumentParser(prog="prefix_serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,13 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most positions per request, prefix + prompt + max_tokens (default and upper bound: the "
                         "model's own)")
     p.add_argument("--chat_template", "--chat-template", dest="chat_template", default=None,
-                   help="Jinja chat template (a file, or the template itself) for /v1/chat/completions, for a "
-                        "tokenizer without one or to replace it")
+                   help="Jinja chat template for /v1/chat/completions, for a tokenizer without one or to replace it: "
+                        "an existing file, else the template itself (a value with no '{', '}' or newline that is no "
+                        "file is an error)")
+    p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help="largest request body in bytes (default 4 MiB): a larger Content-Length is answered 413 "
+                        "before the body is read, a chunked body as soon as it passes N")
+    p.add_argument("--max_prompt_chars", type=int, default=None, metavar="N",
+                   help="most characters in a prompt (for chat: the messages, and the formatted chat), checked "
+                        f"before tokenising; past it a 400 (default: {CHARS_PER_POSITION} per position of the "
+                        "context, as no tokenizer packs more into one token in practice)")
+    p.add_argument("--max_loras", "--max-loras", dest="max_loras", type=int, default=DEFAULT_MAX_LORAS, metavar="N",
+                   help="most tasks loaded at once: --prefix files, --prefix_dir tasks once used and "
+                        "load_lora_adapter together; loading one more is a 400 naming this flag (default 64)")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="precision of the base model; auto: bf16 on GPUs that have it, else fp16 on GPUs, fp32 on "
                         "CPUs")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (not used with --device_map, which places the weights itself)")
+    add_device_flag(p)
     add_offload_flags(p)  # --device_map, --max_memory, --offload_dir: as prefix_inference's
     add_quantize_flag(p)  # --quantize none/int8/int4 (torchao), bnb-8bit/bnb-4bit/gptq (CUDA)
     p.add_argument("--allow_other_base", action="store_true",
@@ -98,6 +108,8 @@ def engine_class(name: str):
 
 
 def _dtype(name: str, device: str) -> str:
+    import torch
+
     if name != "auto":
         return name
     if str(device).startswith("cuda"):
@@ -108,12 +120,16 @@ def _dtype(name: str, device: str) -> str:
 def build(args, engine_cls=None):
     """Load the base model and --prefix files and build the app: (app, engine). One-line ValueError or
     FileNotFoundError on anything refused."""
+    import torch
+
     from prefixtune.prefix.base import load_base, load_config
+    from prefixtune.prefix.flags import default_device
     from prefixtune.prefix.offload import offload_options
     from prefixtune.prefix.inference import check_prefixes, choose_model, load_prefixes
 
     from .app import ServeOptions, create_app
 
+    args.device = getattr(args, "device", None) or default_device()
     for flag in ("max_batch_size", "max_queue", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"expected --{flag} of at least 1, got {getattr(args, flag)}")
@@ -121,10 +137,20 @@ def build(args, engine_cls=None):
         raise ValueError(f"expected --max_model_len of at least 2, got {args.max_model_len}")
     if args.prefix_dir is not None and not Path(args.prefix_dir).is_dir():
         raise FileNotFoundError(f"--prefix_dir {args.prefix_dir}: no such folder")
+    for flag in ("max_body_bytes", "max_prompt_chars", "max_loras"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"expected --{flag} of at least 1, got {getattr(args, flag)}")
+    template = chat_template_text(args.chat_template) if args.chat_template else None
+    if args.api_key and not args.api_key.isascii():
+        log.warning("--api_key has non-ASCII characters: clients must send it UTF-8 encoded (curl does; the openai "
+                    "SDK and other httpx/requests clients only send ASCII or latin-1 header values)")
     device_map, max_memory, offload_dir = offload_options(getattr(args, "device_map", None),
                                                           getattr(args, "max_memory", None),
                                                           getattr(args, "offload_dir", None))
     loaded = load_prefixes(args.prefix)
+    if len(loaded) > args.max_loras:
+        raise ValueError(f"--prefix gives {len(loaded)} tasks, more than --max_loras {args.max_loras} allows; "
+                         "raise --max_loras")
     model = choose_model(args.model, loaded)
     config = load_config(model)
     check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
@@ -135,9 +161,8 @@ def build(args, engine_cls=None):
     base, tok, display = load_base(model, _dtype(args.dtype, computes_on), args.device, config=config,
                                    device_map=device_map, max_memory=max_memory, offload_dir=offload_dir,
                                    log=log.info, quantize=getattr(args, "quantize", "none"))
-    if args.chat_template:
-        path = Path(args.chat_template)
-        tok.chat_template = path.read_text(encoding="utf-8") if path.is_file() else args.chat_template
+    if template is not None:
+        tok.chat_template = template
     base_id = args.served_model_name or (args.model if args.model is not None else display)
     engine = (engine_cls or engine_class(args.engine))(base, tok, max_batch_size=args.max_batch_size,
                                                        max_queue=args.max_queue, route=args.route)
@@ -155,8 +180,31 @@ def build(args, engine_cls=None):
                            allow_other_base=args.allow_other_base, max_model_len=args.max_model_len,
                            drain_timeout=args.drain_timeout,
                            stop_token_ids=tuple(sorted(int(t) for t in eos if t is not None)),
-                           vocab_size=base.get_input_embeddings().num_embeddings, sources=sources)
+                           vocab_size=base.get_input_embeddings().num_embeddings, sources=sources,
+                           max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
+                           max_loras=args.max_loras)
     return create_app(engine, tok, base_id, options), engine
+
+
+def chat_template_text(value: str) -> str:
+    """--chat_template's template: the file it names if that is an existing file (a value too long for a path, or
+    with a newline, is not looked up), else the value itself when it looks like Jinja ('{', '}' or a newline), else
+    a ValueError (a file name with a typo must not become a template that prints the name)."""
+    if len(value) <= 4096 and "\n" not in value:
+        path = Path(value).expanduser()
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a name too long for a path, a NUL: no file
+            is_file = False
+        if is_file:
+            try:
+                return path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--chat_template {value}: cannot read it as UTF-8 text: {e}") from None
+    if any(c in value for c in "{}\n"):
+        return value
+    raise ValueError(f"--chat_template {value}: no such file, and not a Jinja template either (it has no '{{', "
+                     "'}' or newline); give an existing file or the template itself")
 
 
 def _as_list(x):
@@ -164,13 +212,13 @@ def _as_list(x):
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # first: --help and a bad flag answer before torch and the web stack load
     import uvicorn
 
     from prefixtune.prefix.base import one_line
 
     from .server import PrefixServer
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .engine import in_passing_thread
 

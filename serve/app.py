@@ -4,22 +4,29 @@
     GET  /v1/models, GET /v1/models/{id}                the base and every task (parent = the base id)
     POST /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"?}   a prefix file becomes a task
     POST /v1/unload_lora_adapter {"lora_name"}          returns once the task's in-flight requests finished
+    POST /tokenize {"prompt"} or {"messages"}, POST /detokenize {"tokens"}, GET /version   as vLLM's (the API key, when
+                                                        set, is required on the first two as on /v1/*)
     GET  /health (200, 503 while draining), GET /metrics (Prometheus)
+
+A completion request may hold several prompts and ask n choices of each (serve/choices.py builds the responses:
+logprobs, usage, interleaved streams); sampling is serve/sampling.py, the same in both engines.
 
 `create_app(engine, tokenizer, base_id, options)` builds it; the engine runs in its own thread and reports each token
 through `on_token`, which `loop.call_soon_threadsafe` puts on the request's asyncio queue. Errors are OpenAI's JSON:
-400 bad body or field, prompt too long, unsupported field; 401 API key; 404 unknown model; 429 queue full; 503
-draining; 500 an engine error (only that request's).
+400 bad body or field, prompt too long, unsupported field, bad task name, --max_loras reached; 401 API key (with
+WWW-Authenticate: Bearer); 403 a file outside --prefix_dir / --load_from (also through a link); 404 unknown model;
+413 body over --max_body_bytes (answered before it is read); 429 queue full; 503 draining; 500 an engine error (only
+that request's). Tokenising and chat templates run in one worker thread, off the event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +39,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefixtune.prefix.base import one_line
 from prefixtune.prefix.io import BASE_TASK, check_base_model, check_compatible, check_task_name, load_prefix
+from prefixtune.prefix.tasks import task_name_problem
 
+from .choices import TokenStrings, as_ids, collect, logprobs_of, stream, usage
 from .detok import IncrementalDetokenizer, StopText
 from .engine import in_passing_thread
+from .limits import CHARS_PER_POSITION, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LORAS
 from .metrics import Metrics
-from .protocol import (ApiError, ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest,
-                       parse)
+from .protocol import (MAX_CHOICES, ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       LoadAdapterRequest, TokenizeChatRequest, TokenizeCompletionRequest, UnloadAdapterRequest, parse)
 from .types import EngineStopped, GenRequest, QueueFull, UnknownTask
 
 log = logging.getLogger("prefixtune.serve")
-TASK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")  # what --prefix_dir accepts as a file's task name
 
 
 @dataclass
@@ -57,10 +66,10 @@ class ServeOptions:
     stop_token_ids: tuple[int, ...] | None = None  # end of sequence ids (None: the tokenizer's eos)
     vocab_size: int | None = None      # token ids a prompt may hold (None: the config's, else the tokenizer's)
     sources: dict[str, str] = field(default_factory=dict)  # task -> the file it came from (for /v1/models)
-
-
-def _sse(obj) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger request body is a 413, answered before it is read
+    max_prompt_chars: int | None = None  # prompt characters checked before tokenising (None: CHARS_PER_POSITION x
+                                         # the context positions)
+    max_loras: int = DEFAULT_MAX_LORAS   # most tasks loaded at once; loading one more is a 400
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -70,8 +79,13 @@ def _error_response(e: ApiError) -> JSONResponse:
 class _Run:
     """One request inside the engine: its token queue, incremental text, stop strings, timing and metrics."""
 
-    def __init__(self, state: "ServeState", gen: GenRequest, task_label: str, stops: list[str], arrived: float):
+    def __init__(self, state: "ServeState", gen: GenRequest, task_label: str, stops: list[str], arrived: float,
+                 index: int = 0, include_stop: bool = False):
         self.state, self.gen, self.label, self.arrived = state, gen, task_label, arrived
+        self.index, self.include_stop = index, include_stop  # choice index; include_stop_str_in_output
+        self.stop_ids = frozenset(gen.stop_token_ids)
+        self.logprobs: list = []          # serve.sampling.TokenLogprob per generated token (when asked for)
+        self.lp_sent = self.lp_offset = 0  # streaming: logprobs handed out, text_offset of the next one
         self.queue: asyncio.Queue = asyncio.Queue()
         self.detok = IncrementalDetokenizer(state.tok, gen.prompt_ids)
         self.text = StopText(stops)
@@ -83,20 +97,21 @@ class _Run:
         self.last_token: float | None = None
         loop = asyncio.get_running_loop()
 
-        def on_token(token, reason):  # the engine thread
+        def on_token(token, reason, logprob=None):  # the engine thread
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason))
+                loop.call_soon_threadsafe(self.queue.put_nowait, (token, reason, logprob))
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
         self.rid = state.engine.submit(gen, on_token)  # QueueFull, UnknownTask, EngineStopped, ValueError
+        state.live.add(self)
         state.metrics.prompt_tokens.labels(task_label).inc(len(gen.prompt_ids))
 
     async def pieces(self):
         """The text as it becomes final; sets self.finish (and self.error) before it ends."""
         m = self.state.metrics
         while True:
-            token, reason = await self.queue.get()
+            token, reason, logprob = await self.queue.get()
             if token is not None:
                 now = time.perf_counter()
                 if self.last_token is None:
@@ -106,7 +121,12 @@ class _Run:
                 self.last_token = now
                 self.completion_tokens += 1
                 m.generation_tokens.labels(self.label).inc()
+                if logprob is not None:
+                    self.logprobs.append(logprob)
+                if token in self.stop_ids and not self.include_stop:
+                    continue  # a stop token (the engine ends the request next): counted, its text dropped (vLLM)
                 out, stopped = self.text.push(self.detok.add(token))
+                out += self.text.matched if stopped and self.include_stop else ""
                 if out:
                     yield out
                 if stopped:
@@ -116,7 +136,7 @@ class _Run:
                 continue
             self.engine_done = True
             out, stopped = self.text.push(self.detok.flush())
-            out += "" if stopped else self.text.flush()
+            out += (self.text.matched if self.include_stop else "") if stopped else self.text.flush()
             if out:
                 yield out
             if stopped or reason == "stop":
@@ -137,6 +157,7 @@ class _Run:
         if self.closed:
             return
         self.closed = True
+        self.state.live.discard(self)
         if not self.engine_done and self.finish is None:
             self.state.engine.cancel(self.rid)
         status = self.finish or "cancelled"
@@ -145,21 +166,21 @@ class _Run:
         if self.finish is not None:
             m.e2e.labels(self.label).observe(time.perf_counter() - self.arrived)
 
-    def usage(self) -> dict:
-        n = len(self.gen.prompt_ids)
-        return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
-                "total_tokens": n + self.completion_tokens}
-
 
 class ServeState:
     def __init__(self, engine, tokenizer, base_id: str, options: ServeOptions):
         self.engine, self.tok, self.base_id, self.options = engine, tokenizer, base_id, options
-        self.metrics = Metrics(engine)
+        self.live: set[_Run] = set()  # requests in the engine (vllm:kv_cache_usage_perc's estimate)
+        self.metrics = Metrics(engine, base_id, options.max_loras, self.kv_usage)
         self.draining = False
         self.inflight = 0
         self.created = int(time.time())
         self.sources = options.sources
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list] = {}  # task name -> [its lock, users]; a name leaves when its last user does
+        self._loading: set[str] = set()    # names being loaded (they count against --max_loras)
+        # tokenising and chat templates run here, off the event loop (one thread, as vLLM's tokenizer executor)
+        self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="prefixtune-tokenize")
+        self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts
         stop = options.stop_token_ids
         if stop is None:
             stop = () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
@@ -170,6 +191,35 @@ class ServeState:
     def max_context(self) -> int:
         ctx = self.engine.max_context
         return min(ctx, self.options.max_model_len) if self.options.max_model_len else ctx
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.options.max_prompt_chars or CHARS_PER_POSITION * self.max_context
+
+    def check_prompt_chars(self, n: int, param: str) -> None:
+        """Refuse a prompt of more than --max_prompt_chars characters before tokenising it."""
+        if n > self.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {n} characters, more than this server tokenises "
+                           f"({self.max_prompt_chars}, --max_prompt_chars); its {self.max_context} positions could "
+                           "not hold it anyway", param=param, code="context_length_exceeded")
+
+    async def off_loop(self, fn, *args):
+        """fn(*args) in the tokenizer thread, so that a long prompt never stalls the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.tok_pool, fn, *args)
+
+    def kv_usage(self) -> float | None:
+        """vllm:kv_cache_usage_perc when the engine's stats() has none: positions held by the requests that are
+        generating (prefix + prompt + tokens so far) over the most the engine holds at once (max_batch_size x
+        max_context). Requests still in their prefill are not counted, so it is an estimate from below."""
+        slots = (getattr(self.engine, "max_batch_size", None) or 1) * (self.engine.max_context or 0)
+        if not slots:
+            return None
+        tasks, used = self.engine.tasks(), 0
+        for run in list(self.live):
+            if run.last_token is not None and not run.engine_done:
+                shape = tasks.get(run.gen.task) if run.gen.task is not None else None
+                used += len(run.gen.prompt_ids) + run.completion_tokens + (shape.prefix_len if shape else 0)
+        return min(used / slots, 1.0)
 
     # --- draining ----------------------------------------------------------------------------------------------
     def begin_drain(self) -> None:
@@ -189,8 +239,19 @@ class ServeState:
     def reserved(self, name: str) -> bool:
         return name in (BASE_TASK, self.base_id)
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    @asynccontextmanager
+    async def _locked(self, name: str):
+        """Hold task `name`'s lock. The map keeps a name only while a request holds or awaits its lock, so names
+        that clients merely tried leave nothing behind."""
+        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[name]
 
     def _read_checked(self, name: str, path: str):
         """Read a prefix file and check it against the served base (a worker thread: it reads the file). Everything
@@ -212,39 +273,61 @@ class ServeState:
             log.warning("%s was trained on %s; serving it on %s (--allow_other_base)", path, other[0], self.base_id)
         return table, shape
 
-    async def load_task(self, name: str, path: str, replace: bool = False) -> None:
-        if self.reserved(name):
-            raise ApiError(400, f"task name {name!r} is reserved: it means the base model without a prefix",
-                           param="lora_name")
-        async with self._lock(name):
-            if name in self.engine.tasks() and not replace:
+    def check_name(self, name: str, param: str = "lora_name") -> None:
+        """A task name by the one rule (prefix/tasks.py), and not the base model's id: else a 400."""
+        problem = task_name_problem(name)
+        if problem is None and self.reserved(name):
+            problem = f"task name {name!r} is reserved: it means the base model without a prefix"
+        if problem is not None:
+            raise ApiError(400, problem, param=param)
+
+    async def load_task(self, name: str, path, replace: bool = False) -> None:
+        """Load the prefix file `path` (already resolved and checked, as allowed_path returns it) as task `name`."""
+        self.check_name(name)
+        async with self._locked(name):
+            tasks = self.engine.tasks()
+            if name in tasks and not replace:
                 raise ApiError(400, f"task {name!r} is already loaded (from {self.sources.get(name, '?')}); "
                                "unload it first or pass load_inplace=true", param="lora_name")
+            held = set(tasks) | self._loading
+            if name not in held and len(held) >= self.options.max_loras:
+                raise ApiError(400, f"cannot load task {name!r}: {len(held)} tasks are loaded, the most this server "
+                               f"holds (--max_loras {self.options.max_loras}); unload one with POST "
+                               "/v1/unload_lora_adapter or start the server with a larger --max_loras",
+                               param="lora_name", code="max_loras_reached")
+            self._loading.add(name)
             try:
-                table, shape = await asyncio.to_thread(in_passing_thread, self._read_checked, name, path)
+                table, shape = await asyncio.to_thread(in_passing_thread, self._read_checked, name, str(path))
                 await asyncio.to_thread(in_passing_thread, self.engine.add_task, name, table, shape, replace)
             except (ValueError, FileNotFoundError, OSError) as e:
                 raise ApiError(400, f"cannot load task {name!r}: {one_line(e)}", param="lora_path") from None
+            finally:
+                self._loading.discard(name)
             self.sources[name] = str(path)
         log.info("task %s loaded from %s", name, path)
 
-    def check_load_path(self, path: str) -> None:
-        """load_lora_adapter reads files on the server: only inside --prefix_dir or a --load_from folder (after
-        resolving links and '..'), so an API key holder cannot make the server read arbitrary paths."""
+    def allowed_path(self, path, param: str = "lora_path", what: str | None = None) -> Path:
+        """`path` with its links and '..' resolved, once: it must lie inside --prefix_dir or a --load_from folder,
+        else a 403, so an API key holder cannot make the server read arbitrary files (load_lora_adapter), nor can a
+        link in --prefix_dir lead outside. Open the path returned: it is the one that was checked."""
         roots = [r for r in (self.options.prefix_dir, *self.options.load_from) if r]
         if not roots:
             raise ApiError(403, "loading prefixes by path is off on this server: start it with --load_from DIR "
-                           "(or --prefix_dir DIR) to allow files in DIR", param="lora_path", type="permission_error")
+                           "(or --prefix_dir DIR) to allow files in DIR", param=param, type="permission_error")
         target = Path(path).expanduser().resolve()
         if not any(target.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
-            raise ApiError(403, f"lora_path {path} is outside the folders this server loads from "
+            raise ApiError(403, f"{what or f'{param} {path}'} is outside the folders this server loads from "
                            f"({', '.join(roots)}); move the file there or add its folder with --load_from",
-                           param="lora_path", type="permission_error")
+                           param=param, type="permission_error")
+        return target
+
+    def check_load_path(self, path: str) -> Path:
+        return self.allowed_path(path, "lora_path")
 
     def dir_file(self, name: str) -> Path | None:
-        """--prefix_dir's file for task `name`, if there is one."""
+        """--prefix_dir's file for task `name`, if there is one (not resolved: allowed_path does that)."""
         d = self.options.prefix_dir
-        if not d or not TASK_NAME.fullmatch(name) or ".." in name or self.reserved(name):
+        if not d or task_name_problem(name) or self.reserved(name):
             return None
         path = Path(d) / f"{name}.safetensors"
         return path if path.is_file() else None
@@ -257,14 +340,15 @@ class ServeState:
             return name
         path = self.dir_file(name)
         if path is not None:
-            async with self._lock(name):
+            real = self.allowed_path(path, "model", what=f"{path} (model {name!r}) links to a file that")
+            async with self._locked(name):
                 loaded = name in self.engine.tasks()
             if not loaded:
                 try:
-                    await self.load_task(name, str(path))
+                    await self.load_task(name, real)
                 except ApiError as e:
                     if name not in self.engine.tasks():  # another request may have loaded it meanwhile
-                        raise ApiError(400, e.message, param="model") from None
+                        raise ApiError(400, e.message, param="model", code=e.code) from None
             return name
         raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
@@ -279,28 +363,63 @@ class ServeState:
         if self.options.prefix_dir and Path(self.options.prefix_dir).is_dir():
             for path in sorted(Path(self.options.prefix_dir).glob("*.safetensors")):
                 if path.stem not in tasks and self.dir_file(path.stem) is not None:
+                    try:
+                        self.allowed_path(path)
+                    except ApiError:  # a link that leads outside: not served, so not listed
+                        continue
                     cards.append(card(path.stem, str(path), self.base_id))
         return cards
 
     # --- generation --------------------------------------------------------------------------------------------
-    def prompt_ids(self, body: CompletionRequest) -> list[int]:
+    def prompt_ids(self, body: CompletionRequest) -> list[list[int]]:
+        """The token ids of every prompt: `prompt` is one prompt (a string or token ids) or a list of them."""
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ApiError(400, f"expected one prompt per request, got {len(prompt)}; send them as separate "
-                               "requests (they are batched on the server)", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = self.tok(prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
-        else:
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt token ids must lie in [0, {self.vocab_size}), got {bad[:5]}",
-                               param="prompt")
-            ids = list(prompt)
-        if not ids:
-            raise ApiError(400, "the prompt is empty: expected at least one token", param="prompt")
-        return ids
+        batch = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+        if len(batch) * (body.n or 1) > MAX_CHOICES:
+            raise ApiError(400, f"expected at most {MAX_CHOICES} choices per request (prompts x n), got "
+                           f"{len(batch)} x {body.n or 1}", param="prompt")
+        out = []
+        for i, one in enumerate(batch):
+            param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+            if isinstance(one, str):
+                self.check_prompt_chars(len(one), param)
+                ids = self.tok(one, add_special_tokens=body.add_special_tokens)["input_ids"]
+            else:
+                bad = [t for t in one if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ApiError(400, f"prompt token ids must lie in [0, {self.vocab_size}), got {bad[:5]}",
+                                   param=param)
+                ids = list(one)
+            if not ids:
+                raise ApiError(400, f"the {param} is empty: expected at least one token", param=param)
+            out.append(ids)
+        return out
+
+    def check_model(self, name: str | None) -> None:
+        """/tokenize, /detokenize: `model`, when given, names the base, a loaded task or a --prefix_dir file (404
+        otherwise); nothing is loaded, the tokenizer is the base's whatever the task."""
+        if name is None or self.reserved(name) or name in self.engine.tasks() or self.dir_file(name) is not None:
+            return
+        raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def tokenize(self, body) -> list[int]:
+        """/tokenize's ids (the tokenizer thread): a prompt, or messages through the chat template."""
+        if isinstance(body, TokenizeCompletionRequest):
+            self.check_prompt_chars(len(body.prompt), "prompt")
+            return list(self.tok(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"])
+        if not getattr(self.tok, "chat_template", None):
+            raise ApiError(400, f"the tokenizer of {self.base_id} has no chat template: start the server with "
+                           "--chat_template", param="messages")
+        messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        try:
+            text = self.tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=body.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - as chat_ids
+            raise ApiError(400, f"the chat template cannot format these messages: {one_line(e)}",
+                           param="messages") from None
+        self.check_prompt_chars(len(text), "messages")
+        return list(self.tok(text, add_special_tokens=body.add_special_tokens)["input_ids"])
 
     def chat_ids(self, body: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
@@ -308,40 +427,69 @@ class ServeState:
                            "cannot format messages: use /v1/completions, or start the server with --chat_template",
                            param="messages")
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+        self.check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - jinja's TemplateError, raise_exception() in the template, ...
             raise ApiError(400, f"the chat template cannot format these messages: {one_line(e)}",
                            param="messages") from None
+        self.check_prompt_chars(len(text), "messages")
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "the formatted chat is empty", param="messages")
         return ids
 
-    async def start(self, body, prompt_ids: list[int], task: str | None, default_max: int | None,
-                    arrived: float) -> _Run:
+    async def start(self, body, prompts: list[list[int]], task: str | None, default_max: int | None,
+                    arrived: float) -> list[_Run]:
+        """One engine request per choice: n per prompt, choice index prompt_i x n + j (choice j samples with seed
+        + j). All are checked before any is submitted; if one is refused, those already submitted are cancelled."""
         label = task or BASE_TASK
         tasks = self.engine.tasks()
         if task is not None and task not in tasks:
             raise ApiError(404, f"The model `{task}` does not exist.", param="model", code="model_not_found")
         prefix_len = tasks[task].prefix_len if task is not None else 0
-        ctx, n = self.max_context, len(prompt_ids)
-        max_new = body.max_new if isinstance(body, ChatCompletionRequest) else body.max_tokens
-        if max_new is None:
-            max_new = default_max if default_max is not None else max(ctx - n - prefix_len, 1)
-        if n + prefix_len + max_new > ctx:
-            what = f"{n} in the prompt, " + (f"{prefix_len} in the prefix of task {task}, " if task else "")
-            raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                           f"{n + prefix_len + max_new} tokens ({what}{max_new} for the completion). Please reduce "
-                           "the length of the prompt or max_tokens.", param="max_tokens",
-                           code="context_length_exceeded")
+        ctx = self.max_context
+        asked = body.max_new if isinstance(body, ChatCompletionRequest) else body.max_tokens
+        bad_stop = [t for t in body.stop_token_ids or () if not 0 <= t < self.vocab_size]
+        if bad_stop:
+            raise ApiError(400, f"stop_token_ids must lie in [0, {self.vocab_size}), got {bad_stop[:5]}",
+                           param="stop_token_ids")
+        stop_ids = tuple(dict.fromkeys((() if body.ignore_eos else self.stop_token_ids) + tuple(body.stop_token_ids
+                                                                                                   or ())))
         temperature = 1.0 if body.temperature is None else body.temperature
-        gen = GenRequest(prompt_ids=prompt_ids, task=task, max_new_tokens=max_new,
-                         temperature=0.0 if temperature < 1e-5 else temperature,  # as vLLM: tiny = greedy
-                         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed,
-                         stop_token_ids=() if body.ignore_eos else self.stop_token_ids)
+        n_choices = body.n or 1
+        gens = []
+        for prompt_ids in prompts:
+            n = len(prompt_ids)
+            max_new = asked
+            if max_new is None:
+                max_new = default_max if default_max is not None else max(ctx - n - prefix_len, 1)
+            if n + prefix_len + max_new > ctx:
+                what = f"{n} in the prompt, " + (f"{prefix_len} in the prefix of task {task}, " if task else "")
+                raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                               f"{n + prefix_len + max_new} tokens ({what}{max_new} for the completion). Please "
+                               "reduce the length of the prompt or max_tokens.", param="max_tokens",
+                               code="context_length_exceeded")
+            for j in range(n_choices):
+                gens.append(GenRequest(
+                    prompt_ids=prompt_ids, task=task, max_new_tokens=max_new,
+                    temperature=0.0 if temperature < 1e-5 else temperature,  # as vLLM: tiny = greedy
+                    top_p=1.0 if body.top_p is None else body.top_p,
+                    seed=None if body.seed is None else (body.seed + j) % 2 ** 64,
+                    stop_token_ids=stop_ids, top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                    presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                    logprobs=body.logprob_count, emit_stop_token=True))
+        runs: list[_Run] = []
         try:
-            return _Run(self, gen, label, body.stops, arrived)
+            try:
+                for index, gen in enumerate(gens):
+                    runs.append(_Run(self, gen, label, body.stops, arrived, index, body.include_stop_str_in_output))
+            except BaseException:
+                for run in runs:  # cancelled: a request gets all its choices or none
+                    run.close()
+                raise
+            return runs
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({one_line(e)}); retry later", code="rate_limit_exceeded",
                            headers={"Retry-After": "1"}) from None
@@ -357,8 +505,31 @@ class ServeState:
             raise ApiError(400, one_line(e)) from None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prefixtune")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than this server accepts ({limit} bytes, --max_body_bytes)",
+                    code="request_too_large")
+
+
 async def _json_body(request: Request):
-    raw = await request.body()
+    """The body's JSON, read up to --max_body_bytes: past it a 413, also for a chunked body (counted as it comes;
+    the gate refuses a larger Content-Length before reading anything)."""
+    limit = request.app.state.serve.options.max_body_bytes
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -373,7 +544,8 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Gate:
-    """Pure ASGI middleware: the API key on /v1/*, 503 while draining, and the count of requests in flight."""
+    """Pure ASGI middleware: the API key on /v1/*, a Content-Length past --max_body_bytes (413, before the body is
+    read), 503 while draining, and the count of requests in flight."""
 
     def __init__(self, app, state: ServeState):
         self.app, self.state = app, state
@@ -383,13 +555,17 @@ class _Gate:
             return await self.app(scope, receive, send)
         path, st = scope.get("path", ""), self.state
         error = None
-        if st.options.api_key and path.startswith("/v1"):
-            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            scheme, _, key = auth.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(),
-                                                                        st.options.api_key.encode()):
+        headers = dict(scope.get("headers") or [])
+        if st.options.api_key and path.startswith(("/v1", "/tokenize", "/detokenize")):
+            # bytes as sent: clients send a non-ASCII key as UTF-8; compare_digest takes constant time
+            scheme, _, key = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(key.strip(),
+                                                                         st.options.api_key.encode("utf-8")):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                                 code="invalid_api_key")
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        length = headers.get(b"content-length", b"")
+        if error is None and length.isdigit() and int(length) > st.options.max_body_bytes:
+            error = _too_large(st.options.max_body_bytes)
         if error is None and st.draining and path != "/metrics":
             error = ApiError(503, "the server is shutting down and takes no new requests",
                              code="server_shutting_down", headers={"Retry-After": "5"})
@@ -417,24 +593,32 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         finally:
             state.begin_drain()
             await asyncio.to_thread(engine.shutdown, True, options.drain_timeout)
+            state.tok_pool.shutdown(wait=False)
 
     app = FastAPI(title="prefixtune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     app.add_middleware(_Gate, state=state)
 
+    def refused(request, e: ApiError) -> JSONResponse:
+        """The error response; a /v1 request refused before generate() counted it (a malformed body, an unknown
+        route, a failed load) goes into requests_total too."""
+        if request.url.path.startswith("/v1") and not getattr(e, "counted", False):
+            state.metrics.requests.labels("", str(e.status)).inc()
+        return _error_response(e)
+
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
-        return _error_response(e)
+        return refused(request, e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        return _error_response(ApiError(e.status_code, str(e.detail), type="invalid_request_error"))
+        return refused(request, ApiError(e.status_code, str(e.detail), type="invalid_request_error"))
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
         ref = f"err-{uuid.uuid4().hex[:12]}"
         log.exception("internal error %s", ref)  # the text may hold paths and internals: the log has it, not the client
-        return _error_response(ApiError(500, f"internal server error {ref} (the server log has the details)"))
+        return refused(request, ApiError(500, f"internal server error {ref} (the server log has the details)"))
 
     async def generate(request: Request, body, kind: str):
         arrived = time.perf_counter()
@@ -443,38 +627,54 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
             body.check()
             task = await state.resolve(body.model)
             label = task or BASE_TASK
-            if kind == "chat":
-                ids, default_max = state.chat_ids(body), None
+            if kind == "chat":  # tokenising and templating: off the event loop
+                prompts, default_max = [await state.off_loop(state.chat_ids, body)], None
             else:
-                ids, default_max = state.prompt_ids(body), 16  # OpenAI's default max_tokens for completions
-            run = await state.start(body, ids, task, default_max, arrived)
+                prompts, default_max = await state.off_loop(state.prompt_ids, body), 16  # OpenAI's default max_tokens
+            runs = await state.start(body, prompts, task, default_max, arrived)
         except ApiError as e:
             state.metrics.requests.labels(label, str(e.status)).inc()
+            e.counted = True
             raise
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
+        prompt_tokens = sum(len(ids) for ids in prompts)  # each prompt once, whatever n (as vLLM)
+        names = as_ids if body.return_tokens_as_token_ids else state.token_strings  # logprobs' token names
+
+        def close_all():
+            for run in runs:
+                run.close()
+
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(run, kind, rid, created, body.model, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(run.close))  # also if the stream never started
+            opts = body.stream_options
+            events = stream(runs, kind, rid, created, body.model, names,
+                            include_usage=bool(opts and opts.include_usage),
+                            continuous_usage=bool(opts and opts.continuous_usage_stats), prompt_tokens=prompt_tokens,
+                            error_body=lambda run: ApiError(500, f"generation failed: {run.error}",
+                                                            type="server_error").body())
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(close_all))  # also if the stream never started
         try:
-            text = await _collect(run, request)
+            texts = await collect(runs, lambda: _disconnected(request))
         finally:
-            run.close()
-        if text is None:  # the client disconnected: the request is cancelled, nobody reads an answer
+            close_all()
+        if texts is None:  # the client disconnected: the request is cancelled, nobody reads an answer
             return Response(status_code=499)
-        if run.error is not None:
-            raise ApiError(500, f"generation failed: {run.error}", type="server_error")
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": run.finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": body.model,
-                             "choices": [choice], "usage": run.usage(), "system_fingerprint": None})
+        failed = next((run for run in runs if run.error is not None), None)
+        if failed is not None:
+            raise ApiError(500, f"generation failed: {failed.error}", type="server_error")
+        choices = []
+        for run, text in zip(runs, texts):
+            logprobs = logprobs_of(run, kind, names)
+            if kind == "chat":
+                choices.append({"index": run.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": logprobs, "finish_reason": run.finish})
+            else:
+                choices.append({"index": run.index, "text": text, "logprobs": logprobs, "finish_reason": run.finish})
+        return JSONResponse({"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                             "created": created, "model": body.model, "choices": choices,
+                             "usage": usage(prompt_tokens, sum(run.completion_tokens for run in runs)),
+                             "system_fingerprint": None})
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -495,11 +695,40 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
                 return card
         raise ApiError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's /tokenize: {"prompt"} or chat {"messages"} -> {"count", "max_model_len", "tokens"}; the ids are
+        those /v1/completions or /v1/chat/completions would feed the model (add_special_tokens defaults to False)."""
+        raw = await _json_body(request)
+        chat = isinstance(raw, dict) and "messages" in raw
+        body = parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, raw)
+        state.check_model(body.model)
+        ids = await state.off_loop(state.tokenize, body)
+        out = {"count": len(ids), "max_model_len": state.max_context, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = state.tok.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        """vLLM's /detokenize: {"tokens"} -> {"prompt"} (special tokens kept, as vLLM)."""
+        body = parse(DetokenizeRequest, await _json_body(request))
+        state.check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids must lie in [0, {state.vocab_size}), got {bad[:5]}", param="tokens")
+        return {"prompt": await state.off_loop(state.tok.decode, body.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": _version()}
+
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: Request):
         body = parse(LoadAdapterRequest, await _json_body(request))
-        state.check_load_path(body.lora_path)
-        await state.load_task(body.lora_name, body.lora_path, replace=body.load_inplace)
+        state.check_name(body.lora_name)
+        path = state.check_load_path(body.lora_path)  # resolved once: the file checked is the file read
+        await state.load_task(body.lora_name, path, replace=body.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -508,6 +737,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         name = body.lora_name
         if state.reserved(name):
             raise ApiError(400, f"{name!r} is the base model, not a task", param="lora_name")
+        state.check_name(name)
         try:
             # bounded: a request that never ends must not hold this worker thread (and the client) forever
             gone = await asyncio.to_thread(engine.remove_task, name, state.options.drain_timeout)
@@ -535,52 +765,3 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _collect(run: _Run, request: Request) -> str | None:
-    """The whole text of a non-streamed request; None if the client disconnected first (the caller cancels)."""
-    async def consume():
-        return "".join([piece async for piece in run.pieces()])
-
-    consumer = asyncio.ensure_future(consume())
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not consumer.done():
-            consumer.cancel()
-    if not consumer.done() or consumer.cancelled():
-        return None
-    return consumer.result()
-
-
-async def _stream(run: _Run, kind: str, rid: str, created: int, model: str, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that disconnects cancels
-    the request (Starlette cancels this generator; `finally` tells the engine)."""
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    extra = {"usage": None} if include_usage else {}
-
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
-        if kind == "chat":
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **extra})
-
-    try:
-        if kind == "chat":
-            yield chunk(None, None, role=True)
-        async for piece in run.pieces():
-            yield chunk(piece, None)
-        if run.error is not None:
-            yield _sse(ApiError(500, f"generation failed: {run.error}", type="server_error").body())
-        else:
-            yield chunk(None, run.finish)
-        if include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                        "usage": run.usage()})
-        yield "data: [DONE]\n\n"
-    finally:
-        run.close()

@@ -43,41 +43,55 @@ class IncrementalDetokenizer:
 
 
 class StopText:
-    """The output text so far, cut before the first stop string. `push(delta)` -> (text to send now, stopped)."""
+    """The output text so far, cut before the first stop string. `push(delta)` -> (text to send now, stopped).
+
+    Text handed out never begins a stop string (a tail that may still become one is held back), so only the text not
+    handed out yet is searched: the held tail (shorter than the longest stop string) plus the new delta. A token
+    costs O(stops x (longest stop + delta)), whatever the length of the output so far."""
 
     def __init__(self, stops=()):
         self.stops = [s for s in stops if s]
-        self.text = ""  # everything decoded so far (cut at a stop string once one is found)
-        self.sent = 0   # characters of self.text already handed out
+        self.parts: list[str] = []  # the text handed out, piece by piece
+        self.pending = ""           # decoded and not handed out: a tail that may still begin a stop string
         self.stopped = False
+        self.matched: str | None = None  # the stop string found
 
-    def _held(self) -> int:
-        """Length of the longest tail of self.text that begins some stop string (it may still become one)."""
+    @property
+    def text(self) -> str:
+        """Everything decoded so far (cut before the stop string once one is found)."""
+        return "".join(self.parts) + self.pending
+
+    def _held(self, text: str) -> int:
+        """Length of the longest tail of `text` that begins some stop string (it may still become one)."""
         best = 0
         for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
+            tail = text[max(0, len(text) - len(s) + 1):] if len(s) > 1 else ""
+            i = tail.find(s[0])  # leftmost first: the longest candidate
+            while 0 <= i and len(tail) - i > best:
+                if s.startswith(tail[i:]):
+                    best = len(tail) - i
                     break
+                i = tail.find(s[0], i + 1)
         return best
 
     def push(self, delta: str) -> tuple[str, bool]:
         if self.stopped or not delta:
             return "", self.stopped
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
-        self.text += delta
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        text = self.pending + delta
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            end = len(self.text)
+            end, self.matched = min(hits, key=lambda hit: hit[0])
+            out, self.pending, self.stopped = text[:end], "", True
         else:
-            end = len(self.text) - self._held()
-        out = self.text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
+            end = len(text) - self._held(text)
+            out, self.pending = text[:end], text[end:]
+        if out:
+            self.parts.append(out)
         return out, self.stopped
 
     def flush(self) -> str:
         """At the end: the held-back tail (it never became a stop string)."""
-        out = self.text[self.sent:]
-        self.sent = len(self.text)
+        out, self.pending = self.pending, ""
+        if out:
+            self.parts.append(out)
         return out

@@ -76,15 +76,20 @@ Two routes compute the same tokens (greedy outputs are token-equal to `Generator
          batch cache:                (B, H_kv, S, D) per layer, mask (B, S), next position (B,), next token (B,)
    Cache entries under mask 0 are zeroed after each prefill, so padding can never feed NaN into a real row.
 
-Sampling: temperature 0 is greedy (argmax of the fp32 logits, as `Generator` with --greedy). Otherwise logits /
-temperature, then top-k, then top-p, softmax, and one `torch.multinomial` draw from the request's generator (seeded
-by `GenRequest.seed`, else randomly): the draws of a seeded request never depend on its batch companions. Its logits
-may differ from one batch to another in the last float bits, so a draw landing within ~1e-6 of a token boundary could
-in principle pick a neighbour; the tests see identical tokens. The model's generation_config (repetition penalty
-etc.) is not applied: the engine samples as vLLM does, from the request's own parameters.
+Sampling: `serve/sampling.py`, shared with the sequential engine, on both routes: penalties (presence, frequency,
+repetition), then temperature 0 = greedy (argmax of the fp32 logits, as `Generator` with --greedy); otherwise
+logits / temperature, min-p, top-k, top-p, softmax, and one `torch.multinomial` draw from the request's generator
+(seeded by `GenRequest.seed`, else randomly): the draws of a seeded request never depend on its batch companions. Its
+logits may differ from one batch to another in the last float bits, so a draw landing within ~1e-6 of a token
+boundary could in principle pick a neighbour; the tests see identical tokens. The model's generation_config
+(repetition penalty etc.) is not applied: the engine samples as vLLM does, from the request's own parameters. With
+`GenRequest.logprobs` set, each token goes to on_token with its `TokenLogprob` (log-softmax of the raw logits); on the
+paged route the sampler runs in continuous batching's thread and queues it on the request's sampler, and the engine
+thread takes it with the token.
 
 Stop tokens: a token in `stop_token_ids` ends the request with finish reason "stop" and is NOT emitted (not passed to
-on_token, not in generate_many's output).
+on_token, not in generate_many's output), unless `emit_stop_token` (the HTTP layer sets it: the token counts in usage
+and has logprobs, as in vLLM, and its text is dropped unless include_stop_str_in_output).
 """
 from __future__ import annotations
 
@@ -103,6 +108,7 @@ import torch
 from prefixtune.prefix.base import absolute_position_limit, check_base_supported, max_positions
 from prefixtune.prefix.shapes import PrefixShape, base_dims, split_table
 
+from .sampling import RequestSampler, check_sampling, sample
 from .types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, EngineStopped, GenRequest, QueueFull, UnknownTask
 
 __all__ = ["Engine", "EngineStopped", "GenRequest", "QueueFull", "UnknownTask", "in_passing_thread", "pick_tokens"]
@@ -126,10 +132,11 @@ class _Task:
 class _Live:
     """One request inside the engine."""
 
-    __slots__ = ("id", "rid", "req", "task", "on_token", "stop", "gen", "n_out", "n_seen", "done", "prefix_len")
+    __slots__ = ("id", "rid", "req", "task", "on_token", "stop", "sampler", "n_out", "n_seen", "done", "prefix_len")
 
-    def __init__(self, id_: int, req: GenRequest, task: _Task | None, on_token, gen: torch.Generator | None):
-        self.id, self.rid, self.req, self.task, self.on_token, self.gen = id_, f"r{id_}", req, task, on_token, gen
+    def __init__(self, id_: int, req: GenRequest, task: _Task | None, on_token, sampler: RequestSampler):
+        self.id, self.rid, self.req, self.task, self.on_token = id_, f"r{id_}", req, task, on_token
+        self.sampler = sampler
         self.stop = frozenset(int(t) for t in req.stop_token_ids)
         self.n_out = 0  # tokens emitted
         self.n_seen = 0  # tokens received from the paged route (emitted + a final stop token)
@@ -143,31 +150,9 @@ class _Live:
 
 # ------------------------------------------------------------------------------------------------------- sampling
 
-def _sample_row(logits: torch.Tensor, live: _Live) -> int:
-    """One token from one row of fp32 logits (V,) with the request's temperature, top-k, top-p and generator."""
-    req = live.req
-    x = logits / req.temperature
-    top_k = getattr(req, "top_k", 0) or 0
-    if 0 < top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if req.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop = probs.cumsum(-1) - probs >= req.top_p  # past the smallest set whose mass reaches top_p; the first stays
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=live.gen))
-
-
 def pick_tokens(logits: torch.Tensor, lives: list[_Live | None]) -> list[int]:
-    """Next token per row: logits (N, V), one request per row (None: greedy)."""
-    logits = logits.float()
-    out = logits.argmax(-1).tolist()
-    for i, live in enumerate(lives):
-        if live is not None and live.req.temperature > 0:
-            out[i] = _sample_row(logits[i], live)
-    return out
+    """Next token per row: logits (N, V), one request per row (None: greedy). serve/sampling.py does the work."""
+    return sample(logits, [live.sampler if live is not None else None for live in lives])
 
 
 def in_passing_thread(fn: Callable, *args, **kwargs):
@@ -764,8 +749,9 @@ class Engine:
 
     def submit(self, req: GenRequest, on_token: Callable[[int | None, str | None], None]) -> int:
         """Queue a request; returns its id. Raises QueueFull, UnknownTask, or ValueError for a malformed request.
-        on_token(token_id, None) per generated token, then on_token(None, reason) once: "stop", "length",
-        "cancelled" or "error: ...". Called from the engine thread."""
+        on_token(token_id, None) per generated token (on_token(token_id, None, TokenLogprob) when req.logprobs is
+        set), then on_token(None, reason) once: "stop", "length", "cancelled" or "error: ...". Called from the engine
+        thread."""
         self._check_request(req)
         with self._lock:
             if self._stopping or self._stopped:
@@ -783,14 +769,7 @@ class Engine:
                 raise ValueError(problem)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
-            gen = None
-            if req.temperature > 0:
-                gen = torch.Generator(device=self.device)
-                if req.seed is None:
-                    gen.seed()
-                else:
-                    gen.manual_seed(int(req.seed))
-            live = _Live(next(self._ids), req, task, on_token, gen)
+            live = _Live(next(self._ids), req, task, on_token, RequestSampler(req, self.device))
             self._waiting.append(live)
             self._by_id[live.id] = live
             self._by_rid[live.rid] = live
@@ -806,15 +785,7 @@ class Engine:
             raise ValueError(f"expected prompt token ids in [0, {self.vocab_size})")
         if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
             raise ValueError(f"expected max_new_tokens >= 1, got {req.max_new_tokens!r}")
-        if not req.temperature >= 0 or math.isinf(req.temperature):
-            raise ValueError(f"expected a finite temperature >= 0, got {req.temperature!r}")
-        if not 0 < req.top_p <= 1:
-            raise ValueError(f"expected 0 < top_p <= 1, got {req.top_p!r}")
-        top_k = getattr(req, "top_k", 0)
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"expected top_k >= 0, got {top_k!r}")
-        if not all(isinstance(t, int) for t in req.stop_token_ids):
-            raise ValueError("expected stop_token_ids to be token ids")
+        check_sampling(req)
 
     def cancel(self, request_id: int) -> None:
         """End a request: on_token(None, "cancelled") follows from the engine thread (no-op if already over)."""
@@ -870,16 +841,24 @@ class Engine:
 
     def _accept(self, live: _Live, token: int) -> bool:
         """A generated token: emit it or end the request. True if the request is over."""
-        if token in live.stop:
+        stop = token in live.stop
+        if stop and not live.req.emit_stop_token:
             self._finish(live, FINISH_STOP)
             return True
         live.n_out += 1
+        logprob = live.sampler.take(token)
         try:
-            live.on_token(token, None)
+            if logprob is None:
+                live.on_token(token, None)
+            else:
+                live.on_token(token, None, logprob)
         except Exception:  # noqa: BLE001 - a broken consumer ends its request, not the engine
             logger.exception("on_token raised: request %d cancelled", live.id)
             self._route.cancel(live)
             self._finish(live, FINISH_CANCELLED, call=False)
+            return True
+        if stop:
+            self._finish(live, FINISH_STOP)
             return True
         if live.n_out >= live.req.max_new_tokens:
             self._finish(live, FINISH_LENGTH)

@@ -1,9 +1,10 @@
 """The OpenAI request bodies the server accepts (pydantic), and its errors in OpenAI's shape.
 
-Every field a client may send is declared: a field the server cannot honour (n > 1, logprobs, best_of, echo, suffix,
-tools, penalties, logit_bias, ...) is a 400 naming it, and a field it does not know is a 400 too, rather than being
-silently ignored. vLLM's extensions `ignore_eos`, `add_special_tokens`, `top_k` (off only) and `repetition_penalty`
-(1 only) are accepted.
+Every field a client may send is declared: a field the server cannot honour (best_of > 1, echo, suffix, tools,
+logit_bias, ...) is a 400 naming it, and a field it does not know is a 400 too, rather than being silently ignored.
+Honoured as vLLM does: n, logprobs/top_logprobs, presence/frequency penalties, and vLLM's extensions `ignore_eos`,
+`add_special_tokens`, `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `include_stop_str_in_output`,
+`return_tokens_as_token_ids`, `stream_options.continuous_usage_stats` (serve/sampling.py and serve/choices.py say how).
 """
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 INT64 = 2 ** 63
+# Stop strings are matched against every new token's text: at most MAX_STOPS of them (OpenAI allows 4, vLLM sets no
+# bound), each at most MAX_STOP_CHARS characters; past either, a 400.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_CHOICES = 128  # n x prompts of one request
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default --max-logprobs)
 
 
 class ApiError(Exception):
@@ -42,7 +49,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM's; accepted, usage still comes once at the end
+    continuous_usage_stats: bool = False  # vLLM's; with include_usage, every chunk carries its choice's usage
 
 
 class _Sampling(_Strict):
@@ -55,41 +62,49 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and not used
-    # unsupported unless left at their neutral value
-    n: int | None = Field(None, ge=1)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # unsupported unless empty
     # vLLM extensions
     ignore_eos: bool = False
-    top_k: int | None = None
-    repetition_penalty: float | None = None
+    top_k: int | None = None  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=1024)
+    include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
 
     def check_common(self) -> None:
-        if self.n not in (None, 1):
-            raise unsupported("n", "more than one choice per request (n > 1)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise unsupported(name, f"a nonzero {name}")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit_bias")
-        if self.top_k not in (None, 0, -1):
-            raise unsupported("top_k", "top-k sampling")
-        if self.repetition_penalty not in (None, 1):
-            raise unsupported("repetition_penalty", "a repetition penalty other than 1")
+        if self.top_k is not None and self.top_k < -1:
+            raise ApiError(400, f"top_k must be -1 (off), 0 (off) or at least 1, got {self.top_k}", param="top_k")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
         if (isinstance(self.stop, list) and any(not s for s in self.stop)) or self.stop == "":
             raise ApiError(400, "stop strings must not be empty", param="stop")
+        if len(self.stops) > MAX_STOPS:
+            raise ApiError(400, f"expected at most {MAX_STOPS} stop strings, got {len(self.stops)}", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stops):
+            raise ApiError(400, f"expected stop strings of at most {MAX_STOP_CHARS} characters, got one of "
+                           f"{max(len(s) for s in self.stops)}", param="stop")
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives per token the engine reports (None: no logprobs at all)."""
+        if isinstance(self.logprobs, bool) or self.logprobs is None:  # chat: logprobs + top_logprobs
+            return (getattr(self, "top_logprobs", None) or 0) if self.logprobs else None
+        return self.logprobs  # completions: logprobs = the number of alternatives
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     echo: bool | None = None
     suffix: str | None = None
@@ -97,8 +112,6 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs is not None:
-            raise unsupported("logprobs", "logprobs")
         if self.best_of not in (None, 1):
             raise unsupported("best_of", "best_of > 1")
         if self.echo:
@@ -139,7 +152,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -149,8 +162,8 @@ class ChatCompletionRequest(_Sampling):
 
     def check(self) -> None:
         self.check_common()
-        if self.logprobs or self.top_logprobs:
-            raise unsupported("logprobs" if self.logprobs else "top_logprobs", "logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "when using top_logprobs, logprobs must be set to true", param="top_logprobs")
         if self.tools or self.functions:
             raise unsupported("tools" if self.tools else "functions", "tool calling")
         if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
@@ -162,6 +175,28 @@ class ChatCompletionRequest(_Sampling):
     @property
     def max_new(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeCompletionRequest(_Strict):
+    """POST /tokenize with a prompt (vLLM's shape; add_special_tokens defaults to False, as on /v1/completions here)."""
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """POST /tokenize with chat messages, formatted by the chat template as /v1/chat/completions does."""
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadAdapterRequest(_Strict):

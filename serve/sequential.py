@@ -2,8 +2,9 @@
 
 Requests wait in a FIFO queue and run one after another in a background thread, token by token over the prefix's
 pre-filled KV cache (as `prefixtune.prefix.generate.Generator` does), so a request can be cancelled between two
-tokens. It is the baseline of `bench/serve.py` ("sequential generate calls") and lets the HTTP layer run without the
-batched engine.
+tokens. Sampling (penalties, temperature, min-p, top-k, top-p, seeds, logprobs) is `serve/sampling.py`, the batched
+engine's own sampler, so both engines give the same tokens and logprobs for the same request. It is the baseline of
+`bench/serve.py` ("sequential generate calls") and lets the HTTP layer run without the batched engine.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prefixtune.prefix.base import absolute_position_limit, max_positions, one_l
 from prefixtune.prefix.encoder import table_to_cache
 from prefixtune.prefix.shapes import PrefixShape
 
+from .sampling import RequestSampler, check_sampling, sample
 from .types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, EngineStopped, GenRequest, QueueFull, UnknownTask
 
 log = logging.getLogger("prefixtune.serve")
@@ -35,19 +37,6 @@ class _Job:
     table: torch.Tensor | None
     shape: PrefixShape | None
     cancelled: bool = field(default=False)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token from the last position's logits (1-D): argmax when temperature is 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cum = sorted_p.cumsum(-1)
-        sorted_p[(cum - sorted_p) >= top_p] = 0.0  # keep the smallest head whose mass reaches top_p (>= 1 token)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class SequentialEngine:
@@ -98,6 +87,7 @@ class SequentialEngine:
             raise ValueError("expected at least one prompt token")
         if req.max_new_tokens < 1:
             raise ValueError(f"expected max_new_tokens of at least 1, got {req.max_new_tokens}")
+        check_sampling(req)
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
@@ -167,9 +157,12 @@ class SequentialEngine:
                     "max_queue": self.max_queue}
 
     # --- the engine thread -------------------------------------------------------------------------------------
-    def _emit(self, job: _Job, token, reason) -> bool:
+    def _emit(self, job: _Job, token, reason, logprob=None) -> bool:
         try:
-            job.on_token(token, reason)
+            if logprob is None:
+                job.on_token(token, reason)
+            else:
+                job.on_token(token, reason, logprob)
             return True
         except Exception:  # noqa: BLE001 - a broken callback cancels its own request, never the engine
             log.exception("on_token of request %d raised; cancelling it", job.id)
@@ -225,23 +218,19 @@ class SequentialEngine:
 
             cache, prefix_len = DynamicCache(config=cfg), 0
         mask = torch.ones(1, prefix_len + ids.shape[1], dtype=torch.long, device=self.device)
-        generator = None
-        if req.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if req.seed is not None:
-                generator.manual_seed(req.seed & 0xFFFF_FFFF_FFFF_FFFF)
-            else:
-                generator.seed()
+        sampler = RequestSampler(req, self.device)
         stop = set(req.stop_token_ids)
         out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         for i in range(req.max_new_tokens):
-            token = sample_next(out.logits[0, -1], req.temperature, req.top_p, generator)
+            (token,) = sample(out.logits[:, -1], [sampler])
             if job.cancelled:
                 return FINISH_CANCELLED
-            if token in stop:  # ends the request and is not emitted (as in serve/engine.py)
+            if token in stop and not req.emit_stop_token:  # ends the request, not emitted (as in serve/engine.py)
                 return FINISH_STOP
-            if not self._emit(job, token, None):
+            if not self._emit(job, token, None, sampler.take(token)):
                 return FINISH_CANCELLED
+            if token in stop:
+                return FINISH_STOP
             if i == req.max_new_tokens - 1:
                 return FINISH_LENGTH
             self._finish_pending()  # requests cancelled while waiting do not wait for this one

@@ -16,8 +16,15 @@ class GenRequest:
     temperature: float = 0.0         # 0 = greedy (as in vLLM)
     top_p: float = 1.0
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()  # a stop token ends the request ("stop") and is not emitted
-    top_k: int = 0                   # 0 = off; the batched engine applies it (prefix_inference --top_k)
+    stop_token_ids: tuple[int, ...] = ()  # a stop token ends the request ("stop"); emitted only with emit_stop_token
+    top_k: int = 0                   # 0 = off
+    # serve/sampling.py applies these (both engines, every route)
+    min_p: float = 0.0               # 0 = off; drop ids less likely than min_p x the most likely one
+    presence_penalty: float = 0.0    # OpenAI: minus this for every id generated at least once
+    frequency_penalty: float = 0.0   # OpenAI: minus this x the id's count among the generated tokens
+    repetition_penalty: float = 1.0  # HF/vLLM: over prompt + generated ids, logit > 0 -> / r, else x r
+    logprobs: int | None = None      # None: none; k >= 0: on_token(token, None, TokenLogprob) with the k best
+    emit_stop_token: bool = False    # pass the stop token to on_token before on_token(None, "stop")
 
 
 class QueueFull(Exception):
@@ -35,5 +42,6 @@ class EngineStopped(RuntimeError):
     """`submit` after `shutdown` began: the engine takes no new requests (HTTP 503)."""
 
 
-# How a request ends: the last on_token call is on_token(None, reason) with one of these, or "error: <message>".
+# on_token(token_id, None) per generated token (on_token(token_id, None, logprob) when req.logprobs is not None, a
+# serve.sampling.TokenLogprob), then once on_token(None, reason): one of these, or "error: <message>".
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"

@@ -364,13 +364,13 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert r[1]["error"]["param"] == "max_tokens"
     assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "temperature": -1}), 400,
                  "temperature")
-    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "n": 2}), 400, "n > 1")
-    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "logprobs": 2}), 400,
-                 "logprobs")
+    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "n": 0}), 400, "n")
+    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "best_of": 2}), 400,
+                 "best_of")
     assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "echo": True}), 400, "echo")
     assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "frobnicate": 1}), 400,
                  "frobnicate")
-    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": ["a", "b"]}), 400, "one prompt")
+    assert_error(call(url, "POST", "/v1/completions", {"model": "alpha", "prompt": ["a", ""]}), 400, "prompt[1]")
     assert_error(call(url, "POST", "/v1/chat/completions", {"model": "alpha", "messages": [
         {"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}), 400, "tool")
     assert_error(call(url, "POST", "/v1/completions", {"model": "nope", "prompt": "x"}), 404, "nope")
@@ -383,8 +383,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         server.client.completions.create(model="alpha", prompt="fox " * ctx, max_tokens=1)
     assert_error(call(url, "GET", "/v1/nothing"), 404)
     # the openai client raises the right classes
-    with pytest.raises(openai.BadRequestError, match="n > 1"):
-        server.client.completions.create(model="alpha", prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        server.client.completions.create(model="alpha", prompt="x", logit_bias={"5": 1.0})
     with pytest.raises(openai.NotFoundError):
         server.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     assert complete(server, "alpha").choices[0].finish_reason == "length"
