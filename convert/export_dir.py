@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
 from prefixtune.prefix.io import atomic_write_text
 from prefixtune.prefix.shapes import PrefixShape
 
@@ -157,6 +156,9 @@ def prefix_problems(path, shape: PrefixShape, meta: dict, dims: FTDims, *, base:
     `base`: the model the export is for (checked against the header's base_model unless `allow_other_base`).
     """
     problems = []
+    # a flag (--model) is passed; a phrase ("the export's source model") is what the prefix must be trained on
+    fix = (f"pass the {base_label} it was trained on" if base_label.startswith("-")
+           else f"use a prefix trained on {base_label}, or export the model it was trained on")
     arch = meta.get("architecture")
     if arch != ARCHITECTURE:
         problems.append(f"{path}: header field architecture is {arch!r}, expected {ARCHITECTURE!r}: FT's GPT-NeoX "
@@ -165,13 +167,13 @@ def prefix_problems(path, shape: PrefixShape, meta: dict, dims: FTDims, *, base:
     bad = dims.prefix_mismatches(shape)
     if bad:
         problems.append(f"{path} was trained on another model shape ({meta.get('base_model')}): " + "; ".join(bad) +
-                        f"; pass the {base_label} it was trained on")
+                        f"; {fix}")
     elif base is not None and not allow_other_base:
         recorded = meta.get("base_model")
         if recorded and not same_base(recorded, str(base)):
             problems.append(f"{path}: header field base_model is {recorded!r}, expected {base_label} {str(base)!r}: "
-                            f"the prefix was trained on another model; pass the {base_label} it was trained on, or "
-                            "--allow_other_base if you know it fits this one")
+                            f"the prefix was trained on another model; {fix}, or pass --allow_other_base if you know "
+                            "it fits this one")
     if shape.prefix_len < 1:
         problems.append(f"{path}: header field prefix_len is {shape.prefix_len}, expected >= 1 (an empty prefix "
                         "would be served as a removed task); pass a trained prefix")

@@ -10,12 +10,18 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from prefixtune.prefix.io import load_prefix
 
 from . import ft_layout as L
-from .export_dir import (Export, ExportError, check_files, prefix_problems, read_export, writable_problem,
-                         write_index)
+from .export_dir import (
+    Export,
+    ExportError,
+    check_files,
+    prefix_problems,
+    read_export,
+    writable_problem,
+    write_index,
+)
 from .ft_layout import FTDims
 from .hf_stream import iter_tensors
 

@@ -29,11 +29,9 @@ import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from prefixtune.prefix.tasks import task_name_problem as core_task_name_problem
 import torch
-
 from prefixtune.prefix.shapes import PrefixShape
+from prefixtune.prefix.tasks import task_name_problem as core_task_name_problem
 
 FT_ROTARY_BASE = 10000.0  # FT's GPT-NeoX kernels hard-code these
 FT_LAYERNORM_EPS = 1e-5

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from prefixtune.prefix.io import load_prefix
 
 from . import ft_layout as L

@@ -16,11 +16,20 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
 from prefixtune.prefix import prefix_shape
-from prefixtune.prefix.io import atomic_path, atomic_write_text, check_compatible, load_prefix, save_prefix
+
+# prefix.io's save_file: the file written in place (no safetensors temporary beside it), with open()'s mode
+from prefixtune.prefix.io import (
+    atomic_path,
+    atomic_write_text,
+    check_compatible,
+    current_umask,
+    load_prefix,
+    save_file,
+    save_prefix,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from .ft_layout import task_name_problem
 
@@ -76,15 +85,12 @@ def to_peft(prefix_path, out_dir, overwrite: bool = False) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return current_umask()
 
 
 def _base_config(model):
-    from transformers import AutoConfig
-
     from prefixtune.prefix.base import resolve_model
+    from transformers import AutoConfig
 
     where, kwargs = resolve_model(model)
     return AutoConfig.from_pretrained(where, **kwargs)
@@ -134,10 +140,20 @@ def from_rinna(checkpoint, model, out, task: str, overwrite: bool = False) -> Pa
     out = Path(out)
     _check_out_file(out, overwrite)
     _check_task(task, "--task")
+    import pickle
+
+    if Path(checkpoint).is_dir():
+        raise ValueError(f"{checkpoint} is a folder, expected rinna's .checkpoint file (a tensor saved with "
+                         "torch.save); pass the file")
     try:
         table = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal is reported as a bad file
-        raise ValueError(f"{checkpoint}: not a tensor file that loads with weights_only=True ({e})") from None
+    except pickle.UnpicklingError:  # PyTorch's message advises weights_only=False: running the file's code
+        raise ValueError(f"{checkpoint}: not a plain tensor checkpoint: it holds Python objects besides tensors, "
+                         "and prefixtune never unpickles those; pass rinna's .checkpoint (the prefix table saved "
+                         "alone with torch.save), or save the table as a tensor first") from None
+    except Exception as e:  # noqa: BLE001 - a file that is not a torch.save archive at all
+        raise ValueError(f"{checkpoint}: not a tensor file saved with torch.save ({' '.join(str(e).split())}); "
+                         "pass rinna's .checkpoint file") from None
     if isinstance(table, dict):  # some forks save {"model": tensor}
         tensors = [v for v in table.values() if torch.is_tensor(v)]
         if len(tensors) != 1:

@@ -27,19 +27,40 @@ def parse_record(obj, where: str) -> dict:
     raise DataError(f"{where}: expected a field 'text', or 'prompt' and 'completion'; got fields {sorted(obj)}")
 
 
+def _utf16_without_bom(head: bytes) -> str | None:
+    """'UTF-16LE' / 'UTF-16BE' when the file's first bytes are ASCII-range text in UTF-16 (a 0 byte after / before
+    every character), as Windows tools write it without a byte-order mark; None otherwise. (UTF-8 text has no 0
+    bytes, and json.loads would only say "Expecting value".)"""
+    head = head[: len(head) // 2 * 2]
+    if len(head) < 4 or b"\0" not in head:
+        return None
+    even, odd = head[0::2], head[1::2]
+    if odd.count(0) == len(odd) and even.count(0) < len(even) // 2:
+        return "UTF-16LE"
+    if even.count(0) == len(even) and odd.count(0) < len(odd) // 2:
+        return "UTF-16BE"
+    return None
+
+
 def iter_json_lines(path):
     """(line number, parsed JSON) for every non-blank line of a UTF-8 JSONL file; DataError naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, expected a JSONL data file; pass the file inside it")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     with path.open("rb") as f:
-        head = f.read(4)
+        head = f.read(64)
     boms = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
             (b"\xfe\xff", "UTF-16"))
     for bom, name in boms:
         if head.startswith(bom):
             raise DataError(f"{path}: the file is {name} text (it starts with a {name} byte-order mark); JSONL must "
                             f"be UTF-8: convert it, e.g. iconv -f {name} -t UTF-8 {path} > fixed.jsonl")
+    name = _utf16_without_bom(head)
+    if name:
+        raise DataError(f"{path}: the file looks like {name} text without a byte-order mark (every other byte is 0); "
+                        f"JSONL must be UTF-8: convert it, e.g. iconv -f {name} -t UTF-8 {path} > fixed.jsonl")
     with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"

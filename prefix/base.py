@@ -9,6 +9,7 @@ Every loading error is a one-line `ValueError` or `FileNotFoundError` that names
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -21,7 +22,6 @@ DEFAULT_MODEL = "smollm2"  # the value of --model that means the embedded defaul
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Learned absolute position tables: positions past their size do not exist (GPT-2's wpe, OPT's embed_positions).
-_ABSOLUTE_POSITION_MODULES = ("wpe", "embed_positions", "position_embeddings")
 
 
 def is_default_model(model: str | None) -> bool:
@@ -61,10 +61,17 @@ def _check_gguf(model: str, path: Path) -> None:
     if path.stat().st_size == 0:
         raise ValueError(f"--model {model}: the file is empty, expected a GGUF model file; download it again")
     with open(path, "rb") as f:
-        magic = f.read(4)
+        head = f.read(24)  # magic, version (uint32), tensor count (uint64 from version 2 on), metadata count
+    magic = head[:4]
     if magic != b"GGUF":
         raise ValueError(f"--model {model}: expected a GGUF model file (starting with the bytes 'GGUF'), got "
                          f"{magic!r}...; pass a .gguf model, a Hugging Face model folder, or leave --model out")
+    version = int.from_bytes(head[4:8], "little")
+    tensors = int.from_bytes(head[8:16] if version >= 2 else head[8:12], "little")
+    if len(head) >= 16 and tensors == 0:  # transformers would build the model from the metadata, all weights random
+        raise ValueError(f"--model {model}: the GGUF file holds no tensors, only metadata and a tokenizer (a "
+                         "vocab-only file, as llama.cpp writes for tokenizer tests): expected a model with weights; "
+                         "pass the full .gguf model file")
 
 
 def resolve_model(model: str | None) -> tuple[str, dict]:
@@ -121,8 +128,10 @@ def check_base_supported(config) -> None:
     """Raise a one-line ValueError unless prefix tuning can serve this model: a decoder-only causal LM with full
     attention in every layer (no sliding window, chunked or local attention, no recurrent layers), whose config
     gives layers, heads and head size. Training and inference both call it before loading any weights."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     from .shapes import base_dims
 
@@ -169,27 +178,6 @@ def check_base_supported(config) -> None:
         base_dims(config)
     except (AttributeError, TypeError, ZeroDivisionError) as e:
         raise ValueError(f"{mt}: the config does not give layers, heads and head size ({one_line(e)}): {fix}") from e
-
-
-def max_positions(config) -> tuple[int | None, str]:
-    """(the model's position count, the config field it comes from); (None, '') if the config gives none."""
-    text = _text_config(config)
-    for field in ("n_positions", "max_position_embeddings"):
-        value = getattr(text, field, None)
-        if isinstance(value, int) and value > 0:
-            return value, field
-    return None, ""
-
-
-def absolute_position_limit(model) -> int | None:
-    """Positions a model with a learned absolute position table (GPT-2, OPT) can address; past it indexing fails.
-    None for rotary/ALiBi models, whose max_position_embeddings is a training length, not a hard limit."""
-    from torch import nn
-
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _ABSOLUTE_POSITION_MODULES:
-            return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
-    return None
 
 
 def load_config(model: str | None):
@@ -253,30 +241,87 @@ def load_base(model: str | None, dtype: str = "fp32", device: str | torch.device
 
 
 def _weights(model: str | None, where: str, kwargs: dict, dtype: str, config=None):
+    return from_pretrained_complete(model, where, kwargs, config=config, dtype=DTYPES[dtype])
+
+
+def from_pretrained_complete(model: str | None, where: str, kwargs: dict, **extra):
+    """AutoModelForCausalLM.from_pretrained(where, **kwargs, **extra), refusing a checkpoint that lacks some of the
+    model's weights: transformers would initialise them at random and only print a report (a vocab-only GGUF, a
+    folder missing a shard or a tensor). Errors as `_loading` words them."""
     from transformers import AutoModelForCausalLM
 
-    return _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
-        where, config=config, dtype=DTYPES[dtype], **kwargs))
+    with load_report_held() as held:
+        base, info = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
+            where, output_loading_info=True, **kwargs, **extra))
+    refuse_missing_weights(model, where, kwargs, base, info, held)
+    return base
+
+
+@contextlib.contextmanager
+def load_report_held():
+    """transformers logs a table of missing and unexpected keys (its LOAD REPORT) while it loads: hold it back, so
+    that a refused checkpoint gives one error line; `refuse_missing_weights` logs it when the model is kept."""
+    import logging
+
+    held: list = []
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def hold(record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    log.addFilter(hold)
+    try:
+        yield held
+    finally:
+        log.removeFilter(hold)
+
+
+def refuse_missing_weights(model: str | None, where: str, kwargs: dict, base, info: dict | None,
+                           held: list = ()) -> None:
+    """A one-line ValueError naming the file (or folder) and the weights it lacks, when from_pretrained's loading
+    info lists missing keys; else the held load report (`load_report_held`) is logged as transformers would."""
+    import logging
+
+    missing = sorted((info or {}).get("missing_keys") or ())
+    if not missing:
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+    else:
+        source = Path(where) / kwargs["gguf_file"] if "gguf_file" in kwargs else where
+        shown = DEFAULT_MODEL if is_default_model(model) else model
+        raise ValueError(f"--model {shown}: {source} lacks {len(missing)} of the model's "
+                         f"{len(base.state_dict())} weight tensors ({', '.join(missing[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}), which would start random: expected a complete "
+                         "checkpoint; download or convert the model again")
 
 
 def _converted(model: str | None, where: str, kwargs: dict, dtype: str) -> tuple[str, dict]:
-    """The GGUF file's converted folder, written now if missing; the file itself where the cache is not writable."""
-    found = gguf_cache.lookup(where, kwargs, dtype)
+    """The GGUF file's converted folder, written now if missing; the file itself where the cache is not writable.
+    One folder serves every --dtype: it holds the weights as the GGUF route dequantizes them (fp32, each tensor
+    narrowed to fp16/bf16 only where that is exact), and from_pretrained casts them on load, as it casts the GGUF's."""
+    found = gguf_cache.lookup(where, kwargs)
     if found[0] != where:
         return found
 
     def load():
-        return _weights(model, where, kwargs, dtype), load_tokenizer(model)
+        return _weights(model, where, kwargs, "fp32"), load_tokenizer(model)
 
-    return gguf_cache.lookup(where, kwargs, dtype) if gguf_cache.convert(where, kwargs, dtype, load) else (where, kwargs)
+    return gguf_cache.lookup(where, kwargs) if gguf_cache.convert(where, kwargs, load) else (where, kwargs)
 
 
-def save_plain_model(base, tok, folder) -> None:
+def save_plain_model(base, tok, folder, narrow: bool = False) -> None:
     """Save a loaded base (and its tokenizer) as a plain Hugging Face folder. A GGUF checkpoint loads dequantized but
     keeps a quantization_config that would make the saved folder claim GGUF weights; it is dropped, and the
-    dequantized weights are saved as they are. (For the GGUF cache, transformers serve, disk offload.) Written on any
+    dequantized weights are saved as they are (`narrow`: each in fp16 or bf16 where that holds it exactly). Tied
+    weights are stored once under the name save_pretrained keeps (`model.embed_tokens.weight`, no `lm_head.weight`),
+    so any loader (vLLM's too) finds them. (For the GGUF cache, transformers serve, disk offload.) Written on any
     rank: `save_pretrained` writes weights only on rank 0 of a process group."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
+
+    from .io import file_mode
 
     folder = Path(folder)
     config = type(base.config).from_dict({k: v for k, v in base.config.to_dict().items()
@@ -285,5 +330,41 @@ def save_plain_model(base, tok, folder) -> None:
     config.save_pretrained(folder)
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(folder)
-    save_model(base, str(folder / "model.safetensors"), metadata={"format": "pt"})  # tied weights stored once
+    save_file(_plain_state_dict(base, narrow), str(folder / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(folder)
+    for f in folder.iterdir():  # safetensors writes 0600 whatever the umask: the mode open() would give
+        if f.is_file():
+            os.chmod(f, file_mode())
+
+
+def _plain_state_dict(base, narrow: bool) -> dict:
+    """The state dict save_pretrained writes: tied weights once, under the name it keeps (transformers' own
+    helpers where they exist), contiguous on the CPU; `narrow`: each fp32 tensor in fp16 or bf16 where exact."""
+    state = base.state_dict()
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # another transformers: keep the input embeddings' name, drop the other names of a tensor
+        embed = base.get_input_embeddings().weight
+        kept, seen = {}, {}
+        for name, t in state.items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key in seen:
+                if t is embed or name.endswith("embed_tokens.weight"):
+                    del kept[seen[key]]
+                else:
+                    continue
+            seen[key] = name
+            kept[name] = t
+        state = kept
+    else:
+        state = remove_tied_weights_from_state_dict(dict(state), base)
+    out = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        if narrow and t.dtype == torch.float32:
+            for small in (torch.float16, torch.bfloat16):
+                if torch.equal(t.to(small).float(), t):
+                    t = t.to(small)
+                    break
+        out[name] = t.contiguous()
+    return out

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import absolute_position_limit, max_positions
 from .encoder import table_to_cache
 from .io import check_compatible, check_task_name, load_prefix
+from .positions import absolute_position_limit, budget_problem, max_positions
 from .shapes import PrefixShape
 
 
@@ -66,19 +66,8 @@ class Generator:
         if limit is None:
             return None
         prefix_len = self.tasks[task][1].prefix_len if task is not None else 0
-        needed = prefix_len + prompt_tokens + max_new_tokens - 1  # the last new token is never fed back
-        if needed <= limit:
-            return None
         mt = getattr(self.model.config, "model_type", None) or "the model"
-        room, most_new = limit - prefix_len - max_new_tokens + 1, limit - prefix_len - prompt_tokens + 1
-        fix = []
-        if room >= 1:
-            fix.append(f"shorten the prompt to at most {room} tokens")
-        if most_new >= 1:
-            fix.append(f"pass --max_new_tokens {most_new} or fewer")
-        return (f"expected at most {limit} positions ({mt}'s {field}), got {needed}: prefix {prefix_len} + prompt "
-                f"{prompt_tokens} + max_new_tokens {max_new_tokens} - 1 (the last new token takes none); "
-                + (" or ".join(fix) or "shorten the prompt and pass a smaller --max_new_tokens"))
+        return budget_problem(prefix_len, prompt_tokens, max_new_tokens, limit, f"{mt}'s {field}")
 
     @torch.no_grad()
     def generate(self, prompts: list[str], task: str | None = None, sampling: Sampling = Sampling(),

@@ -19,18 +19,21 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from .base import DTYPES, is_default_model, load_base, load_config
-from .offload import DEVICE_MAPS, offload_options
-from .generate import Generator, Sampling
-from .quantize import add_quantize_flag
-from .io import atomic_path, check_base_model, check_compatible, check_task_name, load_prefix, same_base_model
+# torch, transformers and the modules that import them load in the functions that use them, after parsing: --help
+# answers at once (flags.py)
+from .flags import (  # noqa: F401
+    DTYPE_NAMES,
+    DefaultsOnceFormatter,
+    add_device_flag,
+    add_offload_flags,
+    add_quantize_flag,
+    default_device,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prefix_inference", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsOnceFormatter)
     p.add_argument("--model", "--pretrained_model_dir", dest="model", default=None,
                    help="base model: HF folder or name, a .gguf file, or 'smollm2' (default: the base_model stored in "
                         "the --prefix files, else the embedded SmolLM2-135M)")
@@ -47,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "whose probability reaches this")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision of the base model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (not used with --device_map, which places the weights itself)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="precision of the base model")
+    add_device_flag(p)
     add_offload_flags(p)
     add_quantize_flag(p)
     p.add_argument("--input", help="JSONL of {\"prompt\", \"task\"?}: batch generation instead of the REPL")
@@ -61,28 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_offload_flags(p: argparse.ArgumentParser) -> None:
-    """--device_map, --max_memory, --offload_dir: a base model bigger than the GPU (or the RAM), through accelerate.
-    prefix_serve has the same flags."""
-    p.add_argument("--device_map", choices=[*DEVICE_MAPS, "none"], default="none",
-                   help="place the base model's weights with accelerate instead of loading it whole onto "
-                        "--device: the GPU takes what fits --max_memory, CPU RAM the next part, the disk "
-                        "(--offload_dir) the rest. Offloaded layers are copied in for every forward pass, so tokens "
-                        "come slower and big batches pay off. auto, balanced and sequential are accelerate's "
-                        "strategies; prefixtune computes on one GPU (--device's, or the one --max_memory names), "
-                        "where they place alike. none: no offloading")
-    p.add_argument("--max_memory", default=None, metavar="DEVICE=SIZE,...",
-                   help="with --device_map: how much each device may hold, in accelerate's syntax, e.g. "
-                        "0=14GiB,cpu=30GiB (GPU 0 and CPU RAM; disk=SIZE caps the disk). Sizes in KiB/MiB/GiB, "
-                        "KB/MB/GB or bytes; without it, each device's free memory")
-    p.add_argument("--offload_dir", default=None, metavar="DIR",
-                   help="with --device_map: folder for the weights the map puts on disk. Needed for weights "
-                        "that are not safetensors (.bin), which are written there; safetensors weights are read in "
-                        "place from the model folder. Use one folder per model. (A .gguf model cannot be offloaded "
-                        "to disk: transformers refuses it)")
-
-
 def sampling_from(args) -> Sampling:
+    from .generate import Sampling
+
     s = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                  top_p=args.top_p, top_k=args.top_k)
     if args.decode_method == "greedy":
@@ -126,6 +109,7 @@ def stdin_lines(interactive: bool, prompt):
 
 
 def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool) -> None:
+    import torch
     from transformers import TextStreamer
 
     out = sys.stdout
@@ -212,9 +196,10 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
     the batches (up to `batch_size` running at once; a finished row's place goes to the next one at once).
     Sampling draws from one generator per row, seeded from torch's global generator (--seed), so a row's
     completion does not depend on the rows around it."""
+    import torch
+    from prefixtune.serve.engine import Engine, GenRequest, QueueFull
+    from prefixtune.serve.threads import in_passing_thread
     from tqdm import tqdm
-
-    from prefixtune.serve.engine import Engine, GenRequest, QueueFull, in_passing_thread
 
     engine = in_passing_thread(Engine, gen.model, gen.tok, max_batch_size=batch_size, max_queue=max(1, len(rows)))
     for name, (table, shape) in gen.tasks.items():
@@ -261,15 +246,18 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
 def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, batch_size: int, output,
           where: list[str] | None = None) -> None:
     """Generate for every row; `where` names each row in errors (default: 'prompt N')."""
+    from .io import atomic_path
+
     where = where or [f"prompt {i + 1}" for i in range(len(rows))]
     for row, at in zip(rows, where):
         t = row.get("task", default_task)
         row["task"] = None if t in (None, "base") else t
         if row["task"] is not None and row["task"] not in gen.tasks:
             raise SystemExit(f"error: {at}: task {t!r} is not loaded; loaded: {', '.join(gen.tasks) or 'none'}")
-        # Refuse before generating anything: past an absolute position table generation would crash midway.
+        # Refuse before generating anything, against the model's positions as the REPL does (past an absolute
+        # position table generation would crash midway); the engine's cache size is its own business.
         n_tokens = len(gen.tok(row["prompt"], add_special_tokens=False)["input_ids"])
-        problem = gen.length_problem(n_tokens, row["task"], sampling.max_new_tokens)
+        problem = gen.length_problem(n_tokens, row["task"], sampling.max_new_tokens, absolute_only=False)
         if problem:
             raise SystemExit(f"error: {at}: {problem}")
     completions = generate_rows(gen, rows, sampling, batch_size, where)
@@ -286,6 +274,8 @@ def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, ba
 def load_prefixes(paths: list[str]) -> list[tuple[str, tuple]]:
     """Read every --prefix file before any model loads: (path, (table, shape, meta)). Refuses a task named 'base'
     and two files with the same task."""
+    from .io import check_task_name, load_prefix
+
     loaded, seen = [], {}
     for path in paths:
         table, shape, meta = load_prefix(path)
@@ -304,6 +294,8 @@ def load_prefixes(paths: list[str]) -> list[tuple[str, tuple]]:
 
 def choose_model(model: str | None, loaded: list[tuple[str, tuple]]) -> str | None:
     """The base model to load: --model if given, else the one all prefixes were trained on (their base_model)."""
+    from .io import same_base_model
+
     if model is not None or not loaded:
         return model
     first_path, (_, _, first) = loaded[0]
@@ -319,6 +311,8 @@ def choose_model(model: str | None, loaded: list[tuple[str, tuple]]) -> str | No
 def check_prefixes(loaded: list[tuple[str, tuple]], config, model: str | None, given: bool, allow_other: bool) -> None:
     """Every prefix fits the model's shape (no flag overrides that) and, when --model was given, was trained on
     it (--allow_other_base overrides that)."""
+    from .io import check_base_model, check_compatible
+
     for path, (_, shape, meta) in loaded:
         check_compatible(path, shape, meta, config)
     if given:
@@ -333,9 +327,15 @@ def _error(e: BaseException) -> SystemExit:
 
 
 def main(argv=None) -> int:
-    from prefixtune.serve.engine import in_passing_thread
-
     args = build_parser().parse_args(argv)
+    import torch  # only now: --help and a bad flag answer without it
+    from prefixtune.serve.threads import in_passing_thread
+
+    from .base import is_default_model, load_base, load_config
+    from .generate import Generator
+    from .offload import offload_options
+
+    args.device = args.device or default_device()
     if args.max_new_tokens < 1:
         raise SystemExit(f"error: expected --max_new_tokens of at least 1, got {args.max_new_tokens}")
     if args.batch_size < 1:

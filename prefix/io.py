@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _safetensors_bytes
 
 from .shapes import PrefixShape, base_dims
-from .tasks import BASE_TASK, check_task_name as _check_name, task_name_problem  # noqa: F401 (BASE_TASK re-exported)
+from .tasks import BASE_TASK, task_name_problem  # noqa: F401 (BASE_TASK re-exported)
+from .tasks import check_task_name as _check_name
 
 FORMAT = "prefixtune"
 FORMAT_VERSION = "1"

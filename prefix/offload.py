@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .base import DTYPES, _loading, one_line
+from .base import DTYPES, _loading, load_report_held, one_line, refuse_missing_weights
+from .flags import DEVICE_MAPS  # accelerate's strategies; "none" = no map
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies; "none" = no map
 _MEMORY_DEVICES = ("cpu", "disk", "mps")  # the named keys accelerate's max_memory accepts, besides GPU indices
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?b)?", re.IGNORECASE)
 _UNITS = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, None: 1}
@@ -143,7 +143,12 @@ def plan_device_map(config, dtype: str, device_map: str | dict, max_memory: dict
     Returns (map, notes for the log). A map over several GPUs is refused (a prefix's keys and values live on one
     device); without `max_memory` on a machine with several GPUs, only `device`'s GPU (else GPU 0) is used."""
     from accelerate import init_empty_weights
-    from accelerate.utils import find_tied_parameters, get_balanced_memory, get_max_memory, infer_auto_device_map
+    from accelerate.utils import (
+        find_tied_parameters,
+        get_balanced_memory,
+        get_max_memory,
+        infer_auto_device_map,
+    )
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
@@ -232,7 +237,8 @@ def load_offloaded(model, where, kwargs: dict, config, dtype: str, device_map, m
     def load():
         try:
             return AutoModelForCausalLM.from_pretrained(where, config=config, dtype=DTYPES[dtype], device_map=plan,
-                                                        offload_folder=offload_dir, **kwargs)
+                                                        offload_folder=offload_dir, output_loading_info=True,
+                                                        **kwargs)
         except ValueError as e:  # transformers' and accelerate's words for a missing offload folder
             if on_disk and offload_dir is None and ("offload_folder" in str(e) or "offload_dir" in str(e)):
                 raise ValueError(f"--device_map {shown} puts {len(on_disk)} modules on disk, and this checkpoint's "
@@ -241,7 +247,9 @@ def load_offloaded(model, where, kwargs: dict, config, dtype: str, device_map, m
                                  "room") from e
             raise
 
-    base = _loading(model, "model weights", load)
+    with load_report_held() as held:
+        base, info = _loading(model, "model weights", load)
+    refuse_missing_weights(model, where, kwargs, base, info, held)
     base.eval().requires_grad_(False)
     first = next(base.parameters())
     if first.device.type == "meta":  # plan_device_map keeps the embeddings in place; anything else is a bug

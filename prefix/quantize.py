@@ -19,24 +19,16 @@ Every refusal is a one-line ValueError: "expected X, got Y, use Z".
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 
 import torch
 
-QUANTIZE_CHOICES = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit", "gptq")
+from .flags import QUANTIZE_CHOICES, add_quantize_flag  # noqa: F401 (the flag lives where --help needs no torch)
+
 TORCHAO_KINDS = ("int8", "int4")  # run on any device
 GPU_KINDS = ("bnb-8bit", "bnb-4bit", "gptq")  # bitsandbytes and GPTQ kernels are CUDA kernels
 INT4_GROUP_SIZES = (32, 16, 8)  # the first that divides every quantized Linear's input width
-
-
-def add_quantize_flag(p: argparse.ArgumentParser) -> None:
-    """--quantize, as prefix_inference, prefix_serve and training take it."""
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
-                   help="quantize the frozen base model's Linear weights while loading: int8 or int4 (torchao "
-                        "weight-only; CPU and GPU; int4 keeps its 4-bit values in int8 bytes on CPU), bnb-8bit, "
-                        "bnb-4bit (bitsandbytes) or gptq: CUDA only. The prefix stays in full precision")
 
 
 def _device_type(device) -> str:
@@ -158,9 +150,7 @@ def _quantize_in_place(base, qconfig) -> None:
 def load_quantized(model, where: str, kwargs: dict, config, dtype: torch.dtype, device, kind: str, log=None):
     """from_pretrained with --quantize `kind` (not none); arguments as `load_base` resolved them. The model comes
     back frozen, in eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    from .base import _loading, one_line
+    from .base import from_pretrained_complete, one_line
 
     qconfig = quantization_config(kind, device, config, dtype, tokenizer=where)
     gguf = "gguf_file" in kwargs
@@ -171,8 +161,7 @@ def load_quantized(model, where: str, kwargs: dict, config, dtype: torch.dtype, 
     extra = {} if gguf else {"quantization_config": qconfig}
     if kind in GPU_KINDS:  # bitsandbytes and GPTQ place the weights while quantizing; .to() would be refused
         extra["device_map"] = {"": torch.device(device)}
-    base = _loading(model, "model weights", lambda: AutoModelForCausalLM.from_pretrained(
-        where, config=config, dtype=dtype, **kwargs, **extra))
+    base = from_pretrained_complete(model, where, kwargs, config=config, dtype=dtype, **extra)
     if gguf:
         try:
             _quantize_in_place(base, qconfig)

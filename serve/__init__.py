@@ -1,6 +1,7 @@
 """The multi-task OpenAI-compatible server: `prefix_serve` / `python -m prefixtune.serve`.
 
-    types.py       GenRequest, QueueFull, UnknownTask, EngineStopped: what the HTTP layer and an engine exchange
+    contract.py    EngineClient (the Protocol every engine implements), GenRequest, the errors, the shared checks
+    sampling.py    the one sampler of every engine
     engine.py      the batched engine (many tasks in one batch)
     sequential.py  SequentialEngine: the same interface, one request at a time (the baseline)
     app.py         create_app(engine, tokenizer, base_id, options): the FastAPI app (vLLM's API surface)
@@ -10,6 +11,14 @@
     server.py      uvicorn with a graceful SIGTERM drain; serve_in_thread for tests and benchmarks
     __main__.py    the command line
 """
-from .types import EngineStopped, GenRequest, QueueFull, UnknownTask
+__all__ = ["EngineClient", "EngineStopped", "GenRequest", "QueueFull", "UnknownTask"]
 
-__all__ = ["EngineStopped", "GenRequest", "QueueFull", "UnknownTask"]
+
+def __getattr__(name: str):
+    """The names above load from contract.py on first use (it imports torch): `prefix_serve --help` answers from
+    the parser alone, before torch loads (prefix/flags.py)."""
+    if name in __all__:
+        from . import contract
+
+        return getattr(contract, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

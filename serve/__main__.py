@@ -24,7 +24,11 @@ log = logging.getLogger("prefixtune.serve")
 
 def build_parser() -> argparse.ArgumentParser:
     # flags.py imports no torch: --help answers at once, and torch loads in build() (after parsing)
-    from prefixtune.prefix.flags import add_device_flag, add_offload_flags, add_quantize_flag
+    from prefixtune.prefix.flags import (
+        add_device_flag,
+        add_offload_flags,
+        add_quantize_flag,
+    )
 
     from .limits import CHARS_PER_POSITION, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LORAS
 
@@ -121,11 +125,10 @@ def build(args, engine_cls=None):
     """Load the base model and --prefix files and build the app: (app, engine). One-line ValueError or
     FileNotFoundError on anything refused."""
     import torch
-
     from prefixtune.prefix.base import load_base, load_config
     from prefixtune.prefix.flags import default_device
-    from prefixtune.prefix.offload import offload_options
     from prefixtune.prefix.inference import check_prefixes, choose_model, load_prefixes
+    from prefixtune.prefix.offload import offload_options
 
     from .app import ServeOptions, create_app
 
@@ -214,13 +217,12 @@ def _as_list(x):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and a bad flag answer before torch and the web stack load
     import uvicorn
-
     from prefixtune.prefix.base import one_line
 
     from .server import PrefixServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .engine import in_passing_thread
+    from .threads import in_passing_thread
 
     try:
         app, engine = in_passing_thread(build, args)  # model loading leaves no OpenMP pool behind (engine.py)

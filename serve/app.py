@@ -29,26 +29,41 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from prefixtune.prefix.base import one_line
+from prefixtune.prefix.io import (
+    BASE_TASK,
+)
+from prefixtune.prefix.positions import positions_needed
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prefixtune.prefix.base import one_line
-from prefixtune.prefix.io import BASE_TASK, check_base_model, check_compatible, check_task_name, load_prefix
-from prefixtune.prefix.tasks import task_name_problem
-
 from .choices import TokenStrings, as_ids, collect, logprobs_of, stream, usage
+from .contract import EngineStopped, GenRequest, QueueFull, UnknownTask
 from .detok import IncrementalDetokenizer, StopText
-from .engine import in_passing_thread
 from .limits import CHARS_PER_POSITION, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LORAS
 from .metrics import Metrics
-from .protocol import (MAX_CHOICES, ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       LoadAdapterRequest, TokenizeChatRequest, TokenizeCompletionRequest, UnloadAdapterRequest, parse)
-from .types import EngineStopped, GenRequest, QueueFull, UnknownTask
+from .models import ServingModels
+from .protocol import (
+    MAX_CHOICES,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadAdapterRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    UnloadAdapterRequest,
+    parse,
+)
 
 log = logging.getLogger("prefixtune.serve")
 
@@ -174,10 +189,7 @@ class ServeState:
         self.metrics = Metrics(engine, base_id, options.max_loras, self.kv_usage)
         self.draining = False
         self.inflight = 0
-        self.created = int(time.time())
-        self.sources = options.sources
-        self._locks: dict[str, list] = {}  # task name -> [its lock, users]; a name leaves when its last user does
-        self._loading: set[str] = set()    # names being loaded (they count against --max_loras)
+        self.models = ServingModels(engine, base_id, options, lambda: self.max_context)
         # tokenising and chat templates run here, off the event loop (one thread, as vLLM's tokenizer executor)
         self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="prefixtune-tokenize")
         self.token_strings = TokenStrings(tokenizer)  # logprobs' token texts
@@ -235,141 +247,6 @@ class ServeState:
             await asyncio.sleep(0.05)
         return True
 
-    # --- tasks -------------------------------------------------------------------------------------------------
-    def reserved(self, name: str) -> bool:
-        return name in (BASE_TASK, self.base_id)
-
-    @asynccontextmanager
-    async def _locked(self, name: str):
-        """Hold task `name`'s lock. The map keeps a name only while a request holds or awaits its lock, so names
-        that clients merely tried leave nothing behind."""
-        entry = self._locks.setdefault(name, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
-                yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._locks[name]
-
-    def _read_checked(self, name: str, path: str):
-        """Read a prefix file and check it against the served base (a worker thread: it reads the file). Everything
-        is checked on the header before the table is read."""
-        other = []
-
-        def check(shape, meta):
-            check_task_name(path, name)
-            if self.options.config is not None:
-                check_compatible(path, shape, meta, self.options.config)
-            if shape.prefix_len >= self.max_context:
-                raise ValueError(f"{path}: prefix length {shape.prefix_len} leaves no room in this model's "
-                                 f"{self.max_context} positions")
-            if not check_base_model(path, meta, self.options.model_ref, self.options.allow_other_base):
-                other.append(meta.get("base_model") or "smollm2")
-
-        table, shape, _ = load_prefix(path, check)
-        if other:
-            log.warning("%s was trained on %s; serving it on %s (--allow_other_base)", path, other[0], self.base_id)
-        return table, shape
-
-    def check_name(self, name: str, param: str = "lora_name") -> None:
-        """A task name by the one rule (prefix/tasks.py), and not the base model's id: else a 400."""
-        problem = task_name_problem(name)
-        if problem is None and self.reserved(name):
-            problem = f"task name {name!r} is reserved: it means the base model without a prefix"
-        if problem is not None:
-            raise ApiError(400, problem, param=param)
-
-    async def load_task(self, name: str, path, replace: bool = False) -> None:
-        """Load the prefix file `path` (already resolved and checked, as allowed_path returns it) as task `name`."""
-        self.check_name(name)
-        async with self._locked(name):
-            tasks = self.engine.tasks()
-            if name in tasks and not replace:
-                raise ApiError(400, f"task {name!r} is already loaded (from {self.sources.get(name, '?')}); "
-                               "unload it first or pass load_inplace=true", param="lora_name")
-            held = set(tasks) | self._loading
-            if name not in held and len(held) >= self.options.max_loras:
-                raise ApiError(400, f"cannot load task {name!r}: {len(held)} tasks are loaded, the most this server "
-                               f"holds (--max_loras {self.options.max_loras}); unload one with POST "
-                               "/v1/unload_lora_adapter or start the server with a larger --max_loras",
-                               param="lora_name", code="max_loras_reached")
-            self._loading.add(name)
-            try:
-                table, shape = await asyncio.to_thread(in_passing_thread, self._read_checked, name, str(path))
-                await asyncio.to_thread(in_passing_thread, self.engine.add_task, name, table, shape, replace)
-            except (ValueError, FileNotFoundError, OSError) as e:
-                raise ApiError(400, f"cannot load task {name!r}: {one_line(e)}", param="lora_path") from None
-            finally:
-                self._loading.discard(name)
-            self.sources[name] = str(path)
-        log.info("task %s loaded from %s", name, path)
-
-    def allowed_path(self, path, param: str = "lora_path", what: str | None = None) -> Path:
-        """`path` with its links and '..' resolved, once: it must lie inside --prefix_dir or a --load_from folder,
-        else a 403, so an API key holder cannot make the server read arbitrary files (load_lora_adapter), nor can a
-        link in --prefix_dir lead outside. Open the path returned: it is the one that was checked."""
-        roots = [r for r in (self.options.prefix_dir, *self.options.load_from) if r]
-        if not roots:
-            raise ApiError(403, "loading prefixes by path is off on this server: start it with --load_from DIR "
-                           "(or --prefix_dir DIR) to allow files in DIR", param=param, type="permission_error")
-        target = Path(path).expanduser().resolve()
-        if not any(target.is_relative_to(Path(r).expanduser().resolve()) for r in roots):
-            raise ApiError(403, f"{what or f'{param} {path}'} is outside the folders this server loads from "
-                           f"({', '.join(roots)}); move the file there or add its folder with --load_from",
-                           param=param, type="permission_error")
-        return target
-
-    def check_load_path(self, path: str) -> Path:
-        return self.allowed_path(path, "lora_path")
-
-    def dir_file(self, name: str) -> Path | None:
-        """--prefix_dir's file for task `name`, if there is one (not resolved: allowed_path does that)."""
-        d = self.options.prefix_dir
-        if not d or task_name_problem(name) or self.reserved(name):
-            return None
-        path = Path(d) / f"{name}.safetensors"
-        return path if path.is_file() else None
-
-    async def resolve(self, name: str) -> str | None:
-        """A request's `model` -> the engine's task (None = the base model); 404 if there is no such model."""
-        if self.reserved(name):
-            return None
-        if name in self.engine.tasks():
-            return name
-        path = self.dir_file(name)
-        if path is not None:
-            real = self.allowed_path(path, "model", what=f"{path} (model {name!r}) links to a file that")
-            async with self._locked(name):
-                loaded = name in self.engine.tasks()
-            if not loaded:
-                try:
-                    await self.load_task(name, real)
-                except ApiError as e:
-                    if name not in self.engine.tasks():  # another request may have loaded it meanwhile
-                        raise ApiError(400, e.message, param="model", code=e.code) from None
-            return name
-        raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-
-    def model_cards(self) -> list[dict]:
-        def card(mid, root, parent):
-            return {"id": mid, "object": "model", "created": self.created, "owned_by": "prefixtune", "root": root,
-                    "parent": parent, "max_model_len": self.max_context}
-
-        cards = [card(self.base_id, self.options.model_ref or self.base_id, None)]
-        tasks = self.engine.tasks()
-        cards += [card(name, self.sources.get(name), self.base_id) for name in tasks]
-        if self.options.prefix_dir and Path(self.options.prefix_dir).is_dir():
-            for path in sorted(Path(self.options.prefix_dir).glob("*.safetensors")):
-                if path.stem not in tasks and self.dir_file(path.stem) is not None:
-                    try:
-                        self.allowed_path(path)
-                    except ApiError:  # a link that leads outside: not served, so not listed
-                        continue
-                    cards.append(card(path.stem, str(path), self.base_id))
-        return cards
-
     # --- generation --------------------------------------------------------------------------------------------
     def prompt_ids(self, body: CompletionRequest) -> list[list[int]]:
         """The token ids of every prompt: `prompt` is one prompt (a string or token ids) or a list of them."""
@@ -394,13 +271,6 @@ class ServeState:
                 raise ApiError(400, f"the {param} is empty: expected at least one token", param=param)
             out.append(ids)
         return out
-
-    def check_model(self, name: str | None) -> None:
-        """/tokenize, /detokenize: `model`, when given, names the base, a loaded task or a --prefix_dir file (404
-        otherwise); nothing is loaded, the tokenizer is the base's whatever the task."""
-        if name is None or self.reserved(name) or name in self.engine.tasks() or self.dir_file(name) is not None:
-            return
-        raise ApiError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     def tokenize(self, body) -> list[int]:
         """/tokenize's ids (the tokenizer thread): a prompt, or messages through the chat template."""
@@ -463,13 +333,14 @@ class ServeState:
             n = len(prompt_ids)
             max_new = asked
             if max_new is None:
-                max_new = default_max if default_max is not None else max(ctx - n - prefix_len, 1)
-            if n + prefix_len + max_new > ctx:
+                max_new = default_max if default_max is not None else max(ctx - positions_needed(prefix_len, n) + 1, 1)
+            needed = positions_needed(prefix_len, n, max_new)
+            if needed > ctx:
                 what = f"{n} in the prompt, " + (f"{prefix_len} in the prefix of task {task}, " if task else "")
                 raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                               f"{n + prefix_len + max_new} tokens ({what}{max_new} for the completion). Please "
-                               "reduce the length of the prompt or max_tokens.", param="max_tokens",
-                               code="context_length_exceeded")
+                               f"{needed} tokens ({what}{max_new} for the completion, whose last token takes no "
+                               "position). Please reduce the length of the prompt or max_tokens.",
+                               param="max_tokens", code="context_length_exceeded")
             for j in range(n_choices):
                 gens.append(GenRequest(
                     prompt_ids=prompt_ids, task=task, max_new_tokens=max_new,
@@ -497,7 +368,7 @@ class ServeState:
             raise ApiError(404, f"The model `{task}` does not exist.", param="model",
                            code="model_not_found") from None
         except EngineStopped:
-            if getattr(self.engine, "_fatal", None):
+            if self.engine.errored:
                 raise ApiError(500, "the generation engine has stopped; restart the server",
                                code="engine_stopped") from None
             raise ApiError(503, "the server is shutting down", code="server_shutting_down") from None
@@ -625,7 +496,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         label = ""
         try:
             body.check()
-            task = await state.resolve(body.model)
+            task = await state.models.resolve(body.model)
             label = task or BASE_TASK
             if kind == "chat":  # tokenising and templating: off the event loop
                 prompts, default_max = [await state.off_loop(state.chat_ids, body)], None
@@ -686,11 +557,11 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": state.model_cards()}
+        return {"object": "list", "data": state.models.model_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        for card in state.model_cards():
+        for card in state.models.model_cards():
             if card["id"] == model_id:
                 return card
         raise ApiError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
@@ -702,7 +573,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
         raw = await _json_body(request)
         chat = isinstance(raw, dict) and "messages" in raw
         body = parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, raw)
-        state.check_model(body.model)
+        state.models.check_model(body.model)
         ids = await state.off_loop(state.tokenize, body)
         out = {"count": len(ids), "max_model_len": state.max_context, "tokens": ids}
         if body.return_token_strs:
@@ -713,7 +584,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
     async def detokenize(request: Request):
         """vLLM's /detokenize: {"tokens"} -> {"prompt"} (special tokens kept, as vLLM)."""
         body = parse(DetokenizeRequest, await _json_body(request))
-        state.check_model(body.model)
+        state.models.check_model(body.model)
         bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
         if bad:
             raise ApiError(400, f"token ids must lie in [0, {state.vocab_size}), got {bad[:5]}", param="tokens")
@@ -726,25 +597,16 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(request: Request):
         body = parse(LoadAdapterRequest, await _json_body(request))
-        state.check_name(body.lora_name)
-        path = state.check_load_path(body.lora_path)  # resolved once: the file checked is the file read
-        await state.load_task(body.lora_name, path, replace=body.load_inplace)
+        state.models.check_name(body.lora_name)
+        path = state.models.check_load_path(body.lora_path)  # resolved once: the file checked is the file read
+        await state.models.load_task(body.lora_name, path, replace=body.load_inplace)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(request: Request):
         body = parse(UnloadAdapterRequest, await _json_body(request))
         name = body.lora_name
-        if state.reserved(name):
-            raise ApiError(400, f"{name!r} is the base model, not a task", param="lora_name")
-        state.check_name(name)
-        try:
-            # bounded: a request that never ends must not hold this worker thread (and the client) forever
-            gone = await asyncio.to_thread(engine.remove_task, name, state.options.drain_timeout)
-        except UnknownTask:
-            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
-                           code="model_not_found") from None
-        state.sources.pop(name, None)
+        gone = await state.models.unload_task(name)
         if not gone:
             log.info("task %s: refusing new requests; unloads when its last request ends", name)
             return PlainTextResponse(f"Accepted: LoRA adapter '{name}' takes no new requests and is removed when its "
@@ -756,7 +618,7 @@ def create_app(engine, tokenizer, base_id: str, options: ServeOptions | None = N
     @app.get("/health")
     async def health():
         # a dead engine thread answers every request with an error: say so, so an orchestrator restarts the process
-        return Response(status_code=503 if getattr(engine, "_fatal", None) else 200)
+        return Response(status_code=503 if engine.errored else 200)
 
     @app.get("/metrics")
     async def metrics():

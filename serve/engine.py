@@ -104,17 +104,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from prefixtune.prefix.base import absolute_position_limit, check_base_supported, max_positions
+from prefixtune.prefix.base import check_base_supported
+from prefixtune.prefix.positions import budget_problem
 from prefixtune.prefix.shapes import PrefixShape, base_dims, split_table
+from prefixtune.prefix.tasks import BASE_TASK
 
-from .sampling import RequestSampler, check_sampling, sample
-from .types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, EngineStopped, GenRequest, QueueFull, UnknownTask
+from .contract import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineStopped,
+    GenRequest,
+    QueueFull,
+    UnknownTask,
+    check_request,
+    check_task,
+    max_context,
+)
+from .sampling import RequestSampler, sample
 
-__all__ = ["Engine", "EngineStopped", "GenRequest", "QueueFull", "UnknownTask", "in_passing_thread", "pick_tokens"]
+__all__ = ["Engine", "EngineStopped", "GenRequest", "QueueFull", "UnknownTask", "pick_tokens"]
 logger = logging.getLogger("prefixtune.serve")
 
-DEFAULT_CONTEXT = 2048  # max_context when neither the config nor the cache names one
 PAGED_TESTED = ((5, 23), (5, 24))  # [low, high): transformers versions the paged route was verified on
 SCHEDULER_NAME = "prefixtune"
 ROUTES = ("auto", "paged", "padded")
@@ -145,7 +156,7 @@ class _Live:
 
     @property
     def task_name(self) -> str:
-        return self.task.name if self.task is not None else "base"
+        return self.task.name if self.task is not None else BASE_TASK
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
@@ -153,30 +164,6 @@ class _Live:
 def pick_tokens(logits: torch.Tensor, lives: list[_Live | None]) -> list[int]:
     """Next token per row: logits (N, V), one request per row (None: greedy). serve/sampling.py does the work."""
     return sample(logits, [live.sampler if live is not None else None for live in lives])
-
-
-def in_passing_thread(fn: Callable, *args, **kwargs):
-    """fn(*args, **kwargs) in a new thread that ends with it; its result or its exception.
-
-    libgomp keeps an OpenMP thread pool for every thread that ever ran a parallel region, and once the process holds
-    more pool threads than CPUs it stops spinning them between regions: every parallel op then pays a futex wake-up.
-    Model loading and cache allocation in the main thread left such a pool behind, and the continuous-batching
-    thread's decode steps ran 1.4x slower (a (8, 576) x (576, 1536) linear: 155 -> 245 us, SmolLM2 on 2 cores). Torch
-    work outside the generation thread goes through here, so its pool goes when the thread does."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = e
-
-    thread = threading.Thread(target=run, name="prefixtune-setup", daemon=True)  # Ctrl-C still ends the process
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 # ------------------------------------------------------------------------------------------------ the paged route
@@ -191,7 +178,10 @@ def _transformers_version() -> tuple[int, int]:
 def _scheduler_class():
     """PrefixScheduler, defined on first use (importing continuous batching is not free) and registered by name."""
     from transformers.generation.continuous_batching.requests import RequestStatus
-    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
+    from transformers.generation.continuous_batching.scheduler import (
+        SCHEDULER_MAPPING,
+        FIFOScheduler,
+    )
 
     if SCHEDULER_NAME in SCHEDULER_MAPPING:
         return SCHEDULER_MAPPING[SCHEDULER_NAME]
@@ -259,8 +249,12 @@ class _PagedRoute:
     def __init__(self, engine: Engine, page_size: int, cache_tokens: int | None, max_batch_tokens: int | None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
-        from transformers.generation.continuous_batching import ContinuousBatchingManager
-        from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
+        from transformers.generation.continuous_batching import (
+            ContinuousBatchingManager,
+        )
+        from transformers.generation.continuous_batching.cache import (
+            group_layers_by_attn_type,
+        )
 
         self.e = engine
         model = engine.model
@@ -368,7 +362,10 @@ class _PagedRoute:
         return self.mgr.is_running() and self.mgr.background_thread_status.can_accept_new_requests() is None
 
     def _handle(self, item) -> None:
-        from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+        from transformers.generation.continuous_batching.requests import (
+            GenerationOutput,
+            RequestStatus,
+        )
 
         e = self.e
         if not isinstance(item, GenerationOutput):
@@ -624,8 +621,7 @@ class Engine:
         # max_context: the model's positions (max_position_embeddings / n_positions), for the API to refuse
         # prefix + prompt + max_tokens past it. The engine itself refuses only what cannot run: past a learned
         # absolute position table (GPT-2) or past the paged cache.
-        self.max_context, self.positions_field = max_positions(model.config)
-        self.hard_limit = absolute_position_limit(model)
+        self.max_context, self.hard_limit, self.positions_field = max_context(model)  # the route's cache may cap it
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -644,7 +640,7 @@ class Engine:
         self.finished: Counter = Counter()  # finish reason (error collapsed) -> count
         self.route_note = ""
         self._route = self._make_route(route, page_size, cache_tokens, max_batch_tokens)
-        self.max_context = self.hard_limit or self.max_context or self._route.capacity or DEFAULT_CONTEXT
+        self.max_context = max_context(model, self._route.capacity)[0]
 
     # ---------------------------------------------------------------------------------------------- construction
 
@@ -687,24 +683,15 @@ class Engine:
     def route(self) -> str:
         return self._route.name
 
+    @property
+    def errored(self) -> str | None:
+        return self._fatal
+
     # --------------------------------------------------------------------------------------------------- tasks
 
     def add_task(self, name: str, table: torch.Tensor, shape: PrefixShape, replace: bool = False) -> None:
         """Load a task's prefix table [P, L*2*H_kv*D]; takes effect for requests submitted after it returns."""
-        if not isinstance(name, str) or not name.strip() or name != name.strip() or name == "base":
-            raise ValueError(f"expected a task name without surrounding spaces, other than 'base' (no prefix), "
-                             f"got {name!r}")
-        want = (self.num_layers, self.num_kv_heads, self.head_dim)
-        have = (shape.num_layers, shape.num_kv_heads, shape.head_dim)
-        if have != want:
-            raise ValueError(f"task {name!r}: prefix shape (layers, kv heads, head dim) {have} does not fit the "
-                             f"model's {want}")
-        if shape.prefix_len < 1 or tuple(table.shape) != (shape.prefix_len, shape.width):
-            raise ValueError(f"task {name!r}: expected a table of shape {(shape.prefix_len, shape.width)}, "
-                             f"got {tuple(table.shape)}")
-        table = table.detach().float().cpu()
-        if not torch.isfinite(table).all():
-            raise ValueError(f"task {name!r}: the table holds NaN or infinity")
+        table = check_task(name, table, shape, (self.num_layers, self.num_kv_heads, self.head_dim))
         kv = self._route.prepare_kv(split_table(table, shape))  # (L, 2, H, P, D) -> the route's layout
         with self._lock:
             old = self._tasks.get(name)
@@ -739,12 +726,11 @@ class Engine:
 
     def length_problem(self, prompt_tokens: int, prefix_len: int, max_new_tokens: int) -> str | None:
         """Why a request cannot run: past an absolute position table or the paged cache; None if it can."""
-        needed = prefix_len + prompt_tokens + max_new_tokens - 1  # the last new token is never fed back
         for limit, what in ((self.hard_limit, f"the model's {self.positions_field or 'position table'}"),
                             (self._route.capacity, "the paged cache (Engine(cache_tokens=...))")):
-            if limit is not None and needed > limit:
-                return (f"expected prefix {prefix_len} + prompt {prompt_tokens} + max_new_tokens {max_new_tokens} - 1 "
-                        f"<= {limit} ({what}), got {needed}")
+            problem = budget_problem(prefix_len, prompt_tokens, max_new_tokens, limit, what)
+            if problem:
+                return problem
         return None
 
     def submit(self, req: GenRequest, on_token: Callable[[int | None, str | None], None]) -> int:
@@ -752,7 +738,7 @@ class Engine:
         on_token(token_id, None) per generated token (on_token(token_id, None, TokenLogprob) when req.logprobs is
         set), then on_token(None, reason) once: "stop", "length", "cancelled" or "error: ...". Called from the engine
         thread."""
-        self._check_request(req)
+        check_request(req, self.vocab_size)
         with self._lock:
             if self._stopping or self._stopped:
                 raise EngineStopped("the engine is shutting down")
@@ -776,16 +762,6 @@ class Engine:
             self._inflight[live.task_name] += 1
         self._events.put(("wake",))
         return live.id
-
-    def _check_request(self, req: GenRequest) -> None:
-        ids = req.prompt_ids
-        if not isinstance(ids, (list, tuple)) or not ids:
-            raise ValueError("expected prompt_ids to be a non-empty list of token ids")
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(f"expected prompt token ids in [0, {self.vocab_size})")
-        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
-            raise ValueError(f"expected max_new_tokens >= 1, got {req.max_new_tokens!r}")
-        check_sampling(req)
 
     def cancel(self, request_id: int) -> None:
         """End a request: on_token(None, "cancelled") follows from the engine thread (no-op if already over)."""

@@ -33,6 +33,7 @@ import logging
 import re
 import time
 
+from prefixtune.prefix.tasks import BASE_TASK
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
@@ -123,8 +124,8 @@ class EngineCollector:
         g = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                               labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
         g.add_metric(["" if self.max_loras is None else str(self.max_loras),
-                      ",".join(sorted(str(t) for t, n in running.items() if n and t != "base")),
-                      ",".join(sorted(str(t) for t, n in waiting.items() if n and t != "base"))], time.time())
+                      ",".join(sorted(str(t) for t, n in running.items() if n and t != BASE_TASK)),
+                      ",".join(sorted(str(t) for t, n in waiting.items() if n and t != BASE_TASK))], time.time())
         yield g
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .types import GenRequest
+from .contract import GenRequest
 
 MAX_LOGPROBS = 20        # most alternatives per token (vLLM's default --max-logprobs)
 LOGPROB_FLOOR = -9999.0  # what -inf becomes in JSON (as vLLM)

@@ -15,17 +15,27 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
-
-from prefixtune.prefix.base import absolute_position_limit, max_positions, one_line
+from prefixtune.prefix.base import one_line
 from prefixtune.prefix.encoder import table_to_cache
-from prefixtune.prefix.shapes import PrefixShape
+from prefixtune.prefix.positions import budget_problem
+from prefixtune.prefix.shapes import PrefixShape, base_dims
+from prefixtune.prefix.tasks import BASE_TASK
 
-from .sampling import RequestSampler, check_sampling, sample
-from .types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, EngineStopped, GenRequest, QueueFull, UnknownTask
+from .contract import (
+    FINISH_CANCELLED,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineStopped,
+    GenRequest,
+    QueueFull,
+    UnknownTask,
+    check_request,
+    check_task,
+    max_context,
+)
+from .sampling import RequestSampler, sample
 
 log = logging.getLogger("prefixtune.serve")
-DEFAULT_CONTEXT = 2048  # when the config names no position count
-BASE_KEY = "base"       # how stats() names the bare base model
 
 
 @dataclass(eq=False)
@@ -45,8 +55,10 @@ class SequentialEngine:
         self.max_batch_size, self.max_queue, self.route = max_batch_size, max_queue, route  # batch size/route unused
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        limit = absolute_position_limit(model)
-        self.max_context: int = limit or max_positions(model.config)[0] or DEFAULT_CONTEXT
+        self.max_context, self.hard_limit, self.positions_field = max_context(model)
+        self.dims = base_dims(model.config)
+        head = model.get_output_embeddings()
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.get_text_config().vocab_size)
         self._tasks: dict[str, tuple[torch.Tensor, PrefixShape]] = {}
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -60,10 +72,7 @@ class SequentialEngine:
 
     # --- tasks -------------------------------------------------------------------------------------------------
     def add_task(self, name: str, table: torch.Tensor, shape: PrefixShape, replace: bool = False) -> None:
-        if tuple(table.shape) != (shape.prefix_len, shape.width):
-            raise ValueError(f"task {name!r}: table has shape {tuple(table.shape)}, expected "
-                             f"{(shape.prefix_len, shape.width)}")
-        table = table.detach().to(self.device, torch.float32)
+        table = check_task(name, table, shape, self.dims).to(self.device)
         with self._cond:
             if name in self._tasks and not replace:
                 raise ValueError(f"task {name!r} is already loaded")
@@ -83,11 +92,7 @@ class SequentialEngine:
 
     # --- requests ----------------------------------------------------------------------------------------------
     def submit(self, req: GenRequest, on_token) -> int:
-        if not req.prompt_ids:
-            raise ValueError("expected at least one prompt token")
-        if req.max_new_tokens < 1:
-            raise ValueError(f"expected max_new_tokens of at least 1, got {req.max_new_tokens}")
-        check_sampling(req)
+        check_request(req, self.vocab_size)
         with self._cond:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
@@ -96,7 +101,11 @@ class SequentialEngine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
             table, shape = self._tasks[req.task] if req.task is not None else (None, None)
-            job = _Job(next(self._ids), req, on_token, req.task or BASE_KEY, table, shape)
+            problem = budget_problem(shape.prefix_len if shape else 0, len(req.prompt_ids), req.max_new_tokens,
+                                     self.hard_limit, f"the model's {self.positions_field or 'position table'}")
+            if problem:
+                raise ValueError(problem)
+            job = _Job(next(self._ids), req, on_token, req.task or BASE_TASK, table, shape)
             self._waiting.append(job)
             self._pending[job.key] += 1
             self._cond.notify_all()
@@ -148,6 +157,10 @@ class SequentialEngine:
         if self._running is not None:
             self._running.cancelled = True
         self._cond.notify_all()
+
+    @property
+    def errored(self) -> str | None:
+        return None  # a request's failure ends only that request; the loop itself does not die
 
     def stats(self) -> dict:
         with self._cond:

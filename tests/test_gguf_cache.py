@@ -15,7 +15,7 @@ def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
     where, kwargs = resolve_model(None)
-    assert gguf_cache.lookup(where, kwargs, "bf16") == (where, kwargs)  # nothing converted yet
+    assert gguf_cache.lookup(where, kwargs) == (where, kwargs)  # nothing converted yet
 
     # as the second rank of a launch: save_pretrained would write no weights there (only rank 0 saves)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
@@ -23,11 +23,11 @@ def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):
     base, tok, name = load_base(None, "bf16")  # converts, then loads the copy
     monkeypatch.undo()
     monkeypatch.setenv(gguf_cache.ENV, str(tmp_path / "cache"))
-    folder = gguf_cache.cached_folder(where, kwargs, "bf16")
+    folder = gguf_cache.cached_folder(where, kwargs)
     assert name == "smollm2" and (folder / "model.safetensors").is_file()
     saved = json.loads((folder / "config.json").read_text())
     assert saved["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in saved
-    assert gguf_cache.lookup(where, kwargs, "bf16") == (str(folder), {})
+    assert gguf_cache.lookup(where, kwargs) == (str(folder), {})
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".") and p.is_dir()]  # no temporary left
 
     ref = AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16, **kwargs).eval()  # the GGUF route
@@ -48,6 +48,6 @@ def test_an_unwritable_cache_falls_back_to_the_gguf_file(tmp_path, monkeypatch):
     blocked.write_text("not a folder")
     monkeypatch.setenv(gguf_cache.ENV, str(blocked / "cache"))  # mkdir fails: a file is in the way
     where, kwargs = resolve_model(None)
-    assert gguf_cache.convert(where, kwargs, "bf16", lambda: (_ for _ in ()).throw(AssertionError("no load"))) is False
-    assert gguf_cache.lookup(where, kwargs, "bf16") == (where, kwargs)
+    assert gguf_cache.convert(where, kwargs, lambda: (_ for _ in ()).throw(AssertionError("no load"))) is False
+    assert gguf_cache.lookup(where, kwargs) == (where, kwargs)
     assert os.listdir(tmp_path) == ["file"]

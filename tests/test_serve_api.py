@@ -1,7 +1,7 @@
 """prefix_serve's OpenAI API, driven by the official `openai` client against a real uvicorn on a tiny Llama.
 
 The engine is a fixture (`engine_cls`): every test that generates runs against `SequentialEngine` and, once
-serve/engine.py builds on serve/types.py, against the batched `Engine` too. Greedy outputs are compared with greedy
+serve/engine.py builds on serve/contract.py, against the batched `Engine` too. Greedy outputs are compared with greedy
 decoding by full recomputation through HF eager attention (tests/test_equivalence.py's `reference_logits`).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from test_inference import greedy_reference
 
 from prefixtune.prefix import prefix_shape
 from prefixtune.prefix.io import save_prefix
-from prefixtune.serve import types as serve_types
+from prefixtune.serve import contract as serve_types
 from prefixtune.serve.__main__ import build, build_parser
 from prefixtune.serve.app import ServeOptions, create_app
 from prefixtune.serve.detok import IncrementalDetokenizer, StopText
@@ -41,13 +41,9 @@ PROMPT = "The quick brown fox"
 def engine_cls(request):
     if request.param == "sequential":
         return SequentialEngine
-    try:
-        from prefixtune.serve import engine as batched
-    except ImportError as e:
-        pytest.skip(f"serve/engine.py cannot be imported: {e}")
-    if getattr(batched, "GenRequest", None) is not serve_types.GenRequest:
-        pytest.skip("serve/engine.py does not take GenRequest/QueueFull/UnknownTask from serve/types.py yet")
-    return batched.Engine
+    from prefixtune.serve.engine import Engine
+
+    return Engine
 
 
 @pytest.fixture(scope="module")
@@ -490,6 +486,7 @@ class ScriptEngine:
     """The engine interface with no model: every request gets the same token script, one token at a time."""
 
     max_context = 4096
+    errored = None
 
     def __init__(self, script):
         self.script, self.cancelled, self.ids = script, set(), iter(range(1, 10 ** 6))
@@ -657,11 +654,11 @@ def test_health_says_when_the_engine_died():
     from fastapi.testclient import TestClient
 
     from prefixtune.serve.app import ServeOptions, create_app
-    from prefixtune.serve.types import EngineStopped
+    from prefixtune.serve.contract import EngineStopped
 
     class Dead:
         max_context = 64
-        _fatal = "RuntimeError: boom"
+        errored = "RuntimeError: boom"
 
         def tasks(self):
             return {}
@@ -715,7 +712,7 @@ def _fake_app(engine, **options):
 
 class _FakeEngine:
     max_context = 64
-    _fatal = None
+    errored = None
 
     def tasks(self):
         return {"slow": None}

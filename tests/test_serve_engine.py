@@ -449,7 +449,7 @@ def test_padded_prefill_takes_joiners_within_the_token_budget(setups):
 def test_in_passing_thread_returns_and_raises_in_the_caller():
     import threading
 
-    from prefixtune.serve.engine import in_passing_thread
+    from prefixtune.serve.threads import in_passing_thread
 
     names = []
     assert in_passing_thread(lambda x, y=0: (names.append(threading.current_thread().name), x + y)[1], 2, y=3) == 5

@@ -296,7 +296,7 @@ def test_task_names_follow_one_rule_and_tasks_are_bounded(llama, tables):
     for name in ("gamma", "delta"):
         assert unload(llama, name)[0] == 200
     # the lock map only holds names in use: none now
-    assert llama.state._locks == {}
+    assert llama.state.models._locks == {}
 
 
 def test_too_many_prefixes_or_bad_limits_are_refused_at_start(tiny_llama_dir, tables):

@@ -14,7 +14,6 @@ import json
 import sys
 
 import torch
-
 from prefixtune.data import build_split, builtin_records, read_jsonl
 from prefixtune.prefix.base import load_base, one_line
 from prefixtune.prefix.generate import Generator, Sampling

@@ -48,7 +48,14 @@ def parse_size(text: str) -> tuple[str, int]:
 
 
 def fmt(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+    """A size in the unit that shows it: GiB, MiB, KiB, or bytes (a small part is never "0.0 MiB")."""
+    if n >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if n >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{int(n)} bytes"
 
 
 @dataclass
@@ -309,7 +316,12 @@ def print_plan(a, ds_cfg: dict, processes: int) -> int:
 
 def load_plan_config(model: str | None):
     """(config, name) for --model: what load_config reads, or a bare config.json file (no weights, no tokenizer)."""
-    from prefixtune.prefix.base import check_base_supported, load_config, model_display_name, one_line
+    from prefixtune.prefix.base import (
+        check_base_supported,
+        load_config,
+        model_display_name,
+        one_line,
+    )
 
     try:
         if model and str(model).endswith(".json") and os.path.isfile(model):

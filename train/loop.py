@@ -22,19 +22,48 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from prefixtune.data import (
+    DataError,
+    SplitReport,
+    build_split,
+    builtin_records,
+    collate,
+    epoch_order,
+    read_jsonl,
+)
+from prefixtune.prefix import (
+    PrefixEncoder,
+    PrefixLM,
+    PrefixShape,
+    is_trainable,
+    prefix_shape,
+    text_key_values,
+)
+from prefixtune.prefix.base import load_base, one_line
+from prefixtune.prefix.io import save_prefix
+from prefixtune.prefix.positions import absolute_position_limit, positions_needed
+from prefixtune.prefix.quantize import hidden_from_deepspeed
 from safetensors import SafetensorError
 
-from prefixtune.data import DataError, SplitReport, build_split, builtin_records, collate, epoch_order, read_jsonl
-from prefixtune.prefix import PrefixEncoder, PrefixLM, PrefixShape, is_trainable, prefix_shape, text_key_values
-from prefixtune.prefix.base import absolute_position_limit, load_base, one_line
-from prefixtune.prefix.io import save_prefix
-from prefixtune.prefix.quantize import hidden_from_deepspeed
-
 from .args import TrainArgs, parse_args, resume_mismatches
-from .ds_config import build_ds_config, offloads, precision, to_be_written, unsupported_precision, write_built_config
+from .ds_config import (
+    build_ds_config,
+    offloads,
+    precision,
+    to_be_written,
+    unsupported_precision,
+    write_built_config,
+)
 from .outputs import Log, Outputs, RunLock, no_space_message
-from .state import (find_state, gather_params, gather_state, optimizer_step_count, read_state, restore_state,
-                    write_state)
+from .state import (
+    find_state,
+    gather_params,
+    gather_state,
+    optimizer_step_count,
+    read_state,
+    restore_state,
+    write_state,
+)
 
 SEED_MODEL_TYPES = {"gpt-neox": "gpt_neox", "gpt": "gpt2"}
 
@@ -165,9 +194,10 @@ def load_model(a: TrainArgs, dtype: str, device):
         raise SystemExit(f"error: --model_type {a.model_type} expects a {SEED_MODEL_TYPES[a.model_type]} model, "
                          f"but {name} is {model_type}: fix or drop --model_type")
     max_pos = absolute_position_limit(base)  # a learned position table (GPT-2) ends; rotary positions do not
-    if max_pos and a.prefix_seq_len + a.max_seq_len > max_pos:
-        raise SystemExit(f"error: --prefix_seq_len + --max_seq_len = {a.prefix_seq_len + a.max_seq_len} exceeds "
-                         f"the model's {max_pos} positions: shorten one of them")
+    if positions_needed(a.prefix_seq_len, a.max_seq_len) > (max_pos or math.inf):
+        raise SystemExit(f"error: --prefix_seq_len + --max_seq_len = "
+                         f"{positions_needed(a.prefix_seq_len, a.max_seq_len)} exceeds the model's {max_pos} positions: "
+                         "shorten one of them")
     return base, tok, name, model_type
 
 

@@ -43,12 +43,35 @@ class Outputs:
         return self.folder / f"{self.name}.lock"
 
     def remove_leftovers(self) -> None:
-        """Temporaries of a run that was killed mid-save (only the lock holder may call this)."""
+        """Temporaries of a run that was killed mid-save (only the lock holder may call this): the state folder's,
+        atomic_path's, and `.tmpXXXXXX`, the name safetensors' own save_file wrote the prefix under before
+        prefix.io wrote it itself (removed only when its header is a prefix of this --save_name)."""
         for p in self.folder.glob(f"{self.name}.state.tmp*"):
             shutil.rmtree(p, ignore_errors=True)
         for pattern in (f".{self.name}.safetensors.*.tmp", f".{self.name}.metrics.jsonl.*.tmp"):
             for p in self.folder.glob(pattern):
                 p.unlink(missing_ok=True)
+        for p in self.folder.glob(".tmp??????"):
+            if p.is_file() and _prefix_save_name(p) == self.name:
+                p.unlink(missing_ok=True)
+
+
+def _prefix_save_name(path: Path) -> str | None:
+    """The --save_name a (possibly cut-off) prefixtune prefix file was saved by, read from its header; None if it
+    is no such file."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 1 << 20:
+                return None
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != "prefixtune":
+            return None
+        name = json.loads(meta.get("train_args") or "{}").get("save_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 class RunLock:
@@ -58,29 +81,62 @@ class RunLock:
         self.path = out.lock
         self.fd = None
         self.made_folder = False
+        self.made: list[Path] = []  # the folders acquire() created, innermost first
 
     def acquire(self) -> None:
-        self.made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Hold the lock, or exit with one line: another run holds it, or the folder or the lock file cannot be
+        written (a full disk, no permission). A failed start leaves nothing behind: no lock file, no folder."""
+        folder = self.path.parent
+        self.made = []
+        probe = folder
+        while not probe.exists() and probe.parent != probe:
+            self.made.append(probe)
+            probe = probe.parent
+        self.made_folder = bool(self.made)
+        fd, ours = None, False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SystemExit(f"error: another run (pid {other}) is writing {self.path.with_suffix('')}.* in "
-                             f"{self.path.parent}: wait for it to finish, or choose another --save_name") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, ours = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                fd = None
+                raise SystemExit(f"error: another run (pid {other}) is writing {self.path.with_suffix('')}.* in "
+                                 f"{folder}: wait for it to finish, or choose another --save_name") from None
+            ours = True  # held: a lock file left by a dead run is ours to remove too
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            if fd is not None:
+                if ours:
+                    self.path.unlink(missing_ok=True)
+                os.close(fd)
+            self._remove_made_folders()
+            if is_disk_full(e):
+                raise SystemExit(f"error: no space left in {folder} to start the run (its lock file "
+                                 f"{self.path.name} cannot be written); free some space, then run again") from None
+            raise SystemExit(f"error: cannot write the lock file {self.path} ({e.strerror or e}); pass a --save_dir "
+                             "you can write to") from None
         self.fd = fd
+
+    def _remove_made_folders(self) -> None:
+        for made in self.made:  # innermost first; a folder something else was written into stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
 
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still held, so no other run can hold it meanwhile
             os.close(self.fd)
             self.fd = None
-            if self.made_folder and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # a run that failed before writing anything leaves no trace
+            self._remove_made_folders()  # a run that failed before writing anything leaves no trace
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -94,11 +150,13 @@ def is_disk_full(e: BaseException) -> bool:
 
 def no_space_message(e: BaseException, what: str, folder: Path, need_bytes: int) -> str | None:
     """One line for a full disk (or quota), naming the folder and the space needed; None for other errors."""
+    from .estimate import fmt
+
     if not is_disk_full(e):
         return None
     free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return (f"error: no space left in {folder} to save the {what} (needs about {need_bytes / 2**20:.1f} MiB, "
-            f"{free / 2**20:.1f} MiB free); free some space, then continue with --resume (the previous outputs "
+    return (f"error: no space left in {folder} to save the {what} (needs about {fmt(need_bytes)}, "
+            f"{fmt(free)} free); free some space, then continue with --resume (the previous outputs "
             "are intact)")
 
 

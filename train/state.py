@@ -18,8 +18,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from prefixtune.prefix.io import file_mode
 from safetensors.torch import load_file, save_file
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -158,6 +163,8 @@ def write_state(folder: Path, params: dict, anchor: torch.Tensor, moments: dict,
         save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2, default=str), encoding="utf-8")
+        for f in tmp.iterdir():  # safetensors creates its files 0600 whatever the umask: give them open()'s mode
+            os.chmod(f, file_mode())
     except BaseException:  # disk full, interrupted: no half-written folder stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
