@@ -37,8 +37,9 @@ def prepare(model: str | None, work: Path) -> tuple[Path, Path]:
     import torch
 
     from prefixtune.prefix import PrefixEncoder, prefix_shape, text_key_values
-    from prefixtune.prefix.base import load_base, save_plain_model
+    from prefixtune.prefix.base import load_base
     from prefixtune.prefix.io import save_prefix
+    from prefixtune.prefix.weights import save_plain_model
 
     base, tok, _ = load_base(model, "fp32")
     model_dir = work / "model"

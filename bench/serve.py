@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from prefixtune.train.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["The following text is taken from the documentation of the Python programming language.",
@@ -43,19 +44,14 @@ PROMPTS = ["The for statement is used to", "A list comprehension consists of", "
            "Dictionaries map keys to", "A class definition creates"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare(a, work: Path) -> tuple[Path, list[Path]]:
     """A Hugging Face folder of the model (both servers load the same files) and 8 prefix files."""
     import torch
 
     from prefixtune.prefix import PrefixEncoder, prefix_shape, text_key_values
-    from prefixtune.prefix.base import load_base, save_plain_model
+    from prefixtune.prefix.base import load_base
     from prefixtune.prefix.io import save_prefix
+    from prefixtune.prefix.weights import save_plain_model
 
     base, tok, name = load_base(a.model, "fp32")
     model_dir = work / "model"

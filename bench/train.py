@@ -63,7 +63,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from prefixtune.train.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"tokens_per_s_vs_peft": 3.0, "roofline_bf16": 0.5, "peak_vs_peft": 0.6}
@@ -120,7 +121,7 @@ def counted_tokens(examples) -> int:
 def matmul_peak_gflops(dtype: str, device: str, n: int = MATMUL_N, reps: int = 5) -> float:
     import torch
 
-    from prefixtune.prefix.base import DTYPES
+    from prefixtune.prefix.weights import DTYPES
 
     a = torch.randn(n, n, device=device).to(DTYPES[dtype])
     b = torch.randn(n, n, device=device).to(DTYPES[dtype])
@@ -433,7 +434,7 @@ class Bench:
                                                                   os.environ.get("PATH", "")]))
             if not ds:
                 raise RuntimeError("the deepspeed launcher is not on PATH")
-            cmd = [ds, "--num_gpus", str(procs), "--master_port", str(_free_port()), "--module", "train", *flags]
+            cmd = [ds, "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "train", *flags]
         else:
             cmd = [sys.executable, "-m", "train", *flags]
         env = dict(self.env)
@@ -508,12 +509,6 @@ def memory_peak(row: dict, device: str, tree: bool) -> float:
     if device == "cuda":
         return row.get("cuda_max_allocated_mib") or float("nan")
     return row["tree_peak_mib"] if tree else row["maxrss_mib"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def add_roofline(row: dict, probe: dict, procs_gpus: int = 1) -> None:

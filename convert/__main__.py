@@ -10,11 +10,14 @@
     python -m prefixtune.convert from-peft adapter_dir --model HF_DIR --out a.safetensors
     python -m prefixtune.convert from-rinna smileface_suffix.task0.weight --model HF_DIR --task smileface --out s.safetensors
     python -m prefixtune.convert retask --prefix a.safetensors --task new_name [--out b.safetensors]
+    python -m prefixtune.convert show --prefix a.safetensors
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ..prefix.errors import exits_on_error
 
 ALLOW_OTHER_BASE = ("accept prefixes whose header base_model names another model than --model (shapes and "
                     "architecture are still checked); only when you know they fit")
@@ -77,66 +80,71 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", required=True, help="new task name: 1-64 letters, digits, '_', '-' or '.'; not 'base'")
     s.add_argument("--out", help="write here instead of rewriting --prefix in place")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s = sub.add_parser("show", help="print a prefix file's header (task, base model, shape, training arguments)")
+    s.add_argument("--prefix", required=True)
     return p
 
 
+@exits_on_error(ValueError, OSError)  # ExportError is a ValueError
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .ft_export import ExportError, add_tasks, export, list_tasks, remove_tasks
 
-    try:
-        if args.cmd == "ft":
-            target = export(args.model, args.prefix, args.out, args.tp, args.dtype, args.force, args.model_name,
-                            allow_other_base=args.allow_other_base)
-            print(f"wrote {target}")
-            for i, name, length in list_tasks(target):
-                print(f"  task {i}: {name} (prefix length {length})")
-        elif args.cmd == "verify":
-            from .ft_verify import check_files, verify
+    if args.cmd == "ft":
+        target = export(args.model, args.prefix, args.out, args.tp, args.dtype, args.force, args.model_name,
+                        allow_other_base=args.allow_other_base)
+        print(f"wrote {target}")
+        for i, name, length in list_tasks(target):
+            print(f"  task {i}: {name} (prefix length {length})")
+    elif args.cmd == "verify":
+        from .ft_verify import check_files, verify
 
-            if args.files_only:
-                problems = check_files(args.export_dir)
-                for p in problems:
-                    print(f"FILE  {p}")
-                print("files ok" if not problems else f"{len(problems)} file problem(s)")
-                return 1 if problems else 0
-            if not args.model:
-                raise ExportError("verify needs --model (or --files_only)")
-            ok = verify(args.export_dir, args.model, args.prefix, allow_other_base=args.allow_other_base)
-            print("verified" if ok else "VERIFICATION FAILED")
-            return 0 if ok else 1
-        elif args.cmd == "tasks":
-            for i, name, length in list_tasks(args.export_dir):
-                print(f"{i}\t{name}\t{length}")
-        elif args.cmd == "add":
-            for i, name in add_tasks(args.export_dir, args.prefix, args.replace, args.allow_other_base):
-                print(f"task {i}: {name}")
-        elif args.cmd == "remove":
-            remove_tasks(args.export_dir, args.task)
-            print(f"removed {', '.join(args.task)}")
-        elif args.cmd == "triton":
-            from .triton import write_repository
+        if args.files_only:
+            problems = check_files(args.export_dir)
+            for p in problems:
+                print(f"FILE  {p}")
+            print("files ok" if not problems else f"{len(problems)} file problem(s)")
+            return 1 if problems else 0
+        if not args.model:
+            raise ExportError("verify needs --model (or --files_only)")
+        ok = verify(args.export_dir, args.model, args.prefix, allow_other_base=args.allow_other_base)
+        print("verified" if ok else "VERIFICATION FAILED")
+        return 0 if ok else 1
+    elif args.cmd == "tasks":
+        for i, name, length in list_tasks(args.export_dir):
+            print(f"{i}\t{name}\t{length}")
+    elif args.cmd == "add":
+        for i, name in add_tasks(args.export_dir, args.prefix, args.replace, args.allow_other_base):
+            print(f"task {i}: {name}")
+    elif args.cmd == "remove":
+        remove_tasks(args.export_dir, args.task)
+        print(f"removed {', '.join(args.task)}")
+    elif args.cmd == "triton":
+        from .triton import write_repository
 
-            print(f"wrote {write_repository(args.export_dir, args.repo, args.name, args.max_batch_size)}")
-        elif args.cmd == "peft":
-            from .interchange import to_peft
+        print(f"wrote {write_repository(args.export_dir, args.repo, args.name, args.max_batch_size)}")
+    elif args.cmd == "peft":
+        from .interchange import to_peft
 
-            print(f"wrote {to_peft(args.prefix, args.out, args.overwrite)}")
-        elif args.cmd == "from-peft":
-            from .interchange import from_peft
+        print(f"wrote {to_peft(args.prefix, args.out, args.overwrite)}")
+    elif args.cmd == "from-peft":
+        from .interchange import from_peft
 
-            print(f"wrote {from_peft(args.adapter_dir, args.model, args.out, args.task, args.overwrite)}")
-        elif args.cmd == "from-rinna":
-            from .interchange import from_rinna
+        print(f"wrote {from_peft(args.adapter_dir, args.model, args.out, args.task, args.overwrite)}")
+    elif args.cmd == "from-rinna":
+        from .interchange import from_rinna
 
-            print(f"wrote {from_rinna(args.checkpoint, args.model, args.out, args.task, args.overwrite)}")
-        elif args.cmd == "retask":
-            from .interchange import retask
+        print(f"wrote {from_rinna(args.checkpoint, args.model, args.out, args.task, args.overwrite)}")
+    elif args.cmd == "retask":
+        from ..prefix.tasks import rename_task as retask
 
-            print(f"wrote {retask(args.prefix, args.task, args.out, args.overwrite)}")
-    except (ExportError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"wrote {retask(args.prefix, args.task, args.out, args.overwrite)}")
+    elif args.cmd == "show":
+        import json
+
+        from ..prefix.io import load_prefix
+
+        print(json.dumps(load_prefix(args.prefix)[2], indent=2, ensure_ascii=False))
     return 0
 
 

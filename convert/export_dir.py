@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from prefixtune.prefix.io import atomic_write_text
-from prefixtune.prefix.shapes import PrefixShape
 
+from ..prefix.io import atomic_write_text
+from ..prefix.shapes import PrefixShape
 from . import ft_layout as L
 from .ft_layout import FTDims
 
@@ -139,7 +139,7 @@ def same_base(recorded: str, model: str) -> bool:
     """Whether a prefix header's base_model names `model`: prefix.io's rule (the same folder when both are existing
     paths, else the same string), and, since an export always reads a local folder while a prefix may record the
     hub id it was trained from, also the same name (folder or hub id's last part) when the two are not both paths."""
-    from prefixtune.prefix.io import same_base_model
+    from ..prefix.io import same_base_model
 
     if same_base_model(recorded, model):
         return True

@@ -10,18 +10,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from prefixtune.prefix.io import load_prefix
 
+from ..prefix.io import load_prefix
+from ..prefix.tasks import task_of
 from . import ft_layout as L
-from .export_dir import (
-    Export,
-    ExportError,
-    check_files,
-    prefix_problems,
-    read_export,
-    writable_problem,
-    write_index,
-)
+from .export_dir import Export, ExportError, check_files, prefix_problems, read_export, writable_problem, write_index
 from .ft_layout import FTDims
 from .hf_stream import iter_tensors
 
@@ -47,7 +40,7 @@ def read_prefixes(paths, d: FTDims, base: str | None = None, base_label: str = "
         except (ValueError, FileNotFoundError) as e:
             problems.append(str(e))
             continue
-        name = meta["task"] if "task" in meta else Path(path).stem  # an empty header field is refused, not replaced
+        name = task_of(path, meta)  # an empty header field is refused, not replaced
         bad_name = L.task_name_problem(name)
         if bad_name:
             where = "header field task" if "task" in meta else "task from the file name (the header has none)"

@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from prefixtune.prefix.shapes import PrefixShape
-from prefixtune.prefix.tasks import task_name_problem as core_task_name_problem
+
+from ..prefix.shapes import PrefixShape
+from ..prefix.tasks import task_name_problem as core_task_name_problem
 
 FT_ROTARY_BASE = 10000.0  # FT's GPT-NeoX kernels hard-code these
 FT_LAYERNORM_EPS = 1e-5
@@ -97,10 +98,6 @@ class FTDims:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "hidden": self.hidden}
-
-
-def ft_dims(config) -> FTDims:
-    return FTDims.from_config(config)
 
 
 def rope(config) -> dict:

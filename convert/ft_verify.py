@@ -1,21 +1,22 @@
 """Prove an FT export right without a GPU.
 
 `check_files` compares the folder with what `config.ini` makes FT read (missing, short/long, extra files).
-`ft_logits` runs GPT-NeoX from the exported files alone, the way FT computes it: tensor-parallel shards merged
-back, FT's layer-norm epsilon and rotary base, rotary at positions P+i, the prefix keys/values used as given, the
-residual biases where FT adds them, FT's tanh GeLU. `verify` compares those logits with the Hugging Face model +
-prefix (prefix.PrefixLM), for no task and for every task.
+`FTModel(export_dir).logits` runs GPT-NeoX from the exported files alone, the way FT computes it: tensor-parallel
+shards merged back, FT's layer-norm epsilon and rotary base, rotary at positions P+i, the prefix keys/values used as
+given, the residual biases where FT adds them, FT's tanh GeLU. `verify` compares those logits with `hf_logits`: the
+Hugging Face model run with the prefix table through the project's prefix attention (prefix.prefix_hidden_states,
+what training computes), for no task and for every task.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from prefixtune.prefix.io import load_prefix
 
+from ..prefix.io import load_prefix
+from ..prefix.tasks import task_of
 from . import ft_layout as L
 from .export_dir import check_files, prefix_problems, read_export
 
@@ -103,7 +104,7 @@ class FTModel:
 
 
 def hf_logits(model, ids: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
-    from prefixtune.prefix import prefix_hidden_states
+    from ..prefix import prefix_hidden_states
 
     mask = torch.ones_like(ids)
     with torch.no_grad():
@@ -136,7 +137,7 @@ def verify(export_dir, model_dir, prefixes, seed: int = 0, batch: int = 2, lengt
         for p in bad:
             out(f"FAIL  {p}")
         refused |= bool(bad)
-        tables[meta["task"] if "task" in meta else Path(path).stem] = table
+        tables[task_of(path, meta)] = table
     live = [n for n, p in ft.tasks if p > 0 and not L.is_placeholder(n)]
     missing = [n for n in live if n not in tables]
     if missing:

@@ -16,10 +16,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from prefixtune.prefix import prefix_shape
+from safetensors.torch import load_file
+
+from ..prefix import prefix_shape
+from ..prefix.errors import one_line
 
 # prefix.io's save_file: the file written in place (no safetensors temporary beside it), with open()'s mode
-from prefixtune.prefix.io import (
+from ..prefix.io import (
     atomic_path,
     atomic_write_text,
     check_compatible,
@@ -28,9 +31,6 @@ from prefixtune.prefix.io import (
     save_file,
     save_prefix,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file
-
 from .ft_layout import task_name_problem
 
 PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -89,8 +89,9 @@ def _umask() -> int:
 
 
 def _base_config(model):
-    from prefixtune.prefix.base import resolve_model
     from transformers import AutoConfig
+
+    from ..prefix.resolve import resolve_model
 
     where, kwargs = resolve_model(model)
     return AutoConfig.from_pretrained(where, **kwargs)
@@ -152,7 +153,7 @@ def from_rinna(checkpoint, model, out, task: str, overwrite: bool = False) -> Pa
                          "and prefixtune never unpickles those; pass rinna's .checkpoint (the prefix table saved "
                          "alone with torch.save), or save the table as a tensor first") from None
     except Exception as e:  # noqa: BLE001 - a file that is not a torch.save archive at all
-        raise ValueError(f"{checkpoint}: not a tensor file saved with torch.save ({' '.join(str(e).split())}); "
+        raise ValueError(f"{checkpoint}: not a tensor file saved with torch.save ({one_line(e)}); "
                          "pass rinna's .checkpoint file") from None
     if isinstance(table, dict):  # some forks save {"model": tensor}
         tensors = [v for v in table.values() if torch.is_tensor(v)]
@@ -162,21 +163,3 @@ def from_rinna(checkpoint, model, out, task: str, overwrite: bool = False) -> Pa
     if not torch.is_tensor(table):
         raise ValueError(f"{checkpoint}: expected a tensor, got {type(table).__name__}")
     return _import(table, str(checkpoint), model, out, task, "rinna prefix-tuning-gpt")
-
-
-def retask(prefix_path, task: str, out=None, overwrite: bool = False) -> Path:
-    """Rewrite a prefix file's header field `task` (everything else byte for byte the same tensors and fields);
-    in place when `out` is None, atomically either way."""
-    src = Path(prefix_path)
-    load_prefix(src)  # a readable prefix file
-    _check_task(task, "--task")
-    dst = Path(out) if out is not None else src
-    if dst.resolve() != src.resolve():
-        _check_out_file(dst, overwrite)
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["task"] = task
-    with atomic_path(dst) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return dst

@@ -15,8 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from prefixtune.prefix.io import atomic_write_text
-
+from ..prefix.io import atomic_write_text
 from .export_dir import Export, ExportError, read_export
 
 _INPUTS = [  # (name, data type, dims, optional)

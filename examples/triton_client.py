@@ -36,7 +36,7 @@ def main(argv=None) -> int:
             task = task_id(a.tasks, a.task, a.export)
         except ExportError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return 1  # the project's exit status for a refused input (argparse's usage errors: 2)
 
     import tritonclient.http as http
     from transformers import AutoTokenizer

@@ -10,7 +10,7 @@ import argparse
 
 QUANTIZE_CHOICES = ("none", "int8", "int4", "bnb-8bit", "bnb-4bit", "gptq")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies; "none" = no map
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of prefix.base.DTYPES
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the keys of prefix.weights.DTYPES
 
 
 class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from .encoder import table_to_cache
-from .io import check_compatible, check_task_name, load_prefix
+from .io import check_compatible, load_prefix
 from .positions import absolute_position_limit, budget_problem, max_positions
 from .shapes import PrefixShape
+from .tasks import RENAME, check_file_task, task_of
 
 
 @dataclass
@@ -46,11 +47,11 @@ class Generator:
         unless `replace`; `loaded` is `load_prefix(path)`'s result when the caller has read the file already."""
         table, shape, meta = loaded if loaded is not None else load_prefix(path)
         check_compatible(path, shape, meta, self.model.config)
-        name = name or meta.get("task") or str(path)
-        check_task_name(path, name)
+        name = name or task_of(path, meta)
+        check_file_task(path, name)
         if name in self.tasks and not replace:
             raise ValueError(f"{self.sources[name]} and {path} both carry task {name!r}; rename one with "
-                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
+                             + RENAME.format(path=path))
         self.tasks[name] = (table.to(self.device), shape)
         self.sources[name] = str(path)
         return name

@@ -19,6 +19,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .io import current_umask
+from .weights import save_plain_model
+
 ENV = "PREFIXTUNE_CACHE"
 LAYOUT = "2"  # 1: one folder per dtype, a tied weight stored as lm_head.weight; 2: one folder, as save_pretrained
 
@@ -57,9 +60,6 @@ def convert(where: str, kwargs: dict, load) -> bool:
     written) for a file whose weights are missing. False if the folder cannot be written. (The GGUF route
     dequantizes to fp32 and casts: the fp32 copy, cast on load, gives exactly what it would load in any dtype.)"""
     import fcntl
-
-    from .base import save_plain_model
-    from .io import current_umask
 
     try:
         folder = cached_folder(where, kwargs)

@@ -6,7 +6,7 @@
 
 The order is the one rinna's prefix-tuning-gpt and PEFT use, so a table moves between them with a reshape.
 Files are read with safetensors only, never unpickled. `check_base_model` decides whether a prefix may run on a
-given --model (inference, resume); `python -m prefixtune.prefix.io rename FILE NEW_TASK` renames a task in place.
+given --model (inference, resume); `python -m prefixtune.convert retask` renames a task.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _safetensors_bytes
 
+from .errors import one_line
+from .resolve import DEFAULT_MODEL, default_model_file, is_default_model
 from .shapes import PrefixShape, base_dims
-from .tasks import BASE_TASK, task_name_problem  # noqa: F401 (BASE_TASK re-exported)
-from .tasks import check_task_name as _check_name
 
 FORMAT = "prefixtune"
 FORMAT_VERSION = "1"
@@ -121,7 +121,7 @@ def _unreadable(path: Path, e: BaseException) -> ValueError:
         # a safetensors file is an 8-byte header length, the JSON header, then the data: any of it cut off
         what = "it is truncated (an interrupted copy or download?)"
     else:
-        what = " ".join(str(e).split())
+        what = one_line(e)
     return ValueError(f"{path}: not a readable safetensors file ({what}); expected a prefix file written by "
                       "prefixtune: copy it again, or import a rinna/PEFT checkpoint with python -m prefixtune.convert "
                       "from-rinna/from-peft")
@@ -184,26 +184,9 @@ def load_prefix(path, check: Callable[[PrefixShape, dict], None] | None = None
     return table, shape, meta
 
 
-def check_task_name(path, name) -> None:
-    """Refuse a prefix file whose task name could never be chosen (prefix/tasks.py has the one rule)."""
-    problem = task_name_problem(name)
-    if problem:
-        raise ValueError(f"{path}: {problem}; rename the task: python -m prefixtune.prefix.io rename {path} NEW_NAME")
-
-
-def rename_task(path, task: str) -> None:
-    """Rewrite a prefix file's header field `task` (atomically; the table and the other fields stay)."""
-    _check_name(task, "the new task name")
-    table, shape, meta = load_prefix(path)
-    save_prefix(path, table, shape, task=task, base_model=meta.get("base_model", ""),
-                architecture=meta.get("architecture", ""), train_args=meta.get("train_args"))
-
-
 def _canonical_model(model) -> str:
     """--model / base_model -> what identifies it: the resolved path of a local file or folder (the default's
     GGUF file for 'smollm2', None or ''), else the string itself (a hub name)."""
-    from .base import DEFAULT_MODEL, default_model_file, is_default_model
-
     if is_default_model(model):
         try:
             return str(default_model_file().resolve())
@@ -224,8 +207,6 @@ def check_base_model(path, meta: dict, model_name, allow_other: bool = False,
     """Compare the prefix's saved base_model with the model about to run it (`model_name`, as given to --model;
     None = the embedded default). True if they are the same; False if not but `allow_other`; else a one-line
     ValueError naming both and `flag`."""
-    from .base import DEFAULT_MODEL, is_default_model
-
     trained = meta.get("base_model")
     if same_base_model(trained, model_name):
         return True
@@ -248,29 +229,30 @@ def check_compatible(path, shape: PrefixShape, meta: dict, config) -> None:
         )
 
 
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m prefixtune.prefix.io", description="Inspect or rename a prefix file.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("rename", help="change the task name stored in a prefix file")
-    r.add_argument("file")
-    r.add_argument("task")
-    s = sub.add_parser("show", help="print a prefix file's header")
-    s.add_argument("file")
-    a = p.parse_args(argv)
-    try:
-        if a.cmd == "rename":
-            rename_task(a.file, a.task)
-        else:
-            _, _, meta = load_prefix(a.file)
-            json.dump(meta, sys.stdout, indent=2, ensure_ascii=False)
-            print()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    return 0
+def choose_model(model: str | None, loaded: list[tuple[str, tuple]]) -> str | None:
+    """The base model to load: --model if given, else the one all prefixes were trained on (their base_model)."""
+    if model is not None or not loaded:
+        return model
+    first_path, (_, _, first) = loaded[0]
+    for path, (_, _, meta) in loaded[1:]:
+        if not same_base_model(first.get("base_model"), meta.get("base_model")):
+            raise ValueError(f"--prefix {first_path} was trained on {first.get('base_model') or 'smollm2'} but {path} "
+                             f"on {meta.get('base_model') or 'smollm2'}, and one run has one base model: pass "
+                             "--model M (with --allow_other_base for prefixes trained on another model), or run "
+                             "them separately")
+    return first.get("base_model") or None
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def check_prefixes(loaded: list[tuple[str, tuple]], config, model: str | None, given: bool,
+                   allow_other: bool) -> list[str]:
+    """Every prefix fits the model's shape (no flag overrides that) and, when --model was given, was trained on
+    it (--allow_other_base overrides that). Returns a warning per prefix that runs on another base."""
+    warnings = []
+    for path, (_, shape, meta) in loaded:
+        check_compatible(path, shape, meta, config)
+    if given:
+        for path, (_, _, meta) in loaded:
+            if not check_base_model(path, meta, model, allow_other):
+                warnings.append(f"{path} was trained on {meta.get('base_model') or 'smollm2'}; running it on "
+                                f"{model} (--allow_other_base)")
+    return warnings

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .base import DTYPES, _loading, load_report_held, one_line, refuse_missing_weights
+from .errors import one_line
 from .flags import DEVICE_MAPS  # accelerate's strategies; "none" = no map
+from .weights import DTYPES, load_report_held, loading, refuse_missing_weights
 
 _MEMORY_DEVICES = ("cpu", "disk", "mps")  # the named keys accelerate's max_memory accepts, besides GPU indices
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]i?b)?", re.IGNORECASE)
@@ -143,12 +144,7 @@ def plan_device_map(config, dtype: str, device_map: str | dict, max_memory: dict
     Returns (map, notes for the log). A map over several GPUs is refused (a prefix's keys and values live on one
     device); without `max_memory` on a machine with several GPUs, only `device`'s GPU (else GPU 0) is used."""
     from accelerate import init_empty_weights
-    from accelerate.utils import (
-        find_tied_parameters,
-        get_balanced_memory,
-        get_max_memory,
-        infer_auto_device_map,
-    )
+    from accelerate.utils import find_tied_parameters, get_balanced_memory, get_max_memory, infer_auto_device_map
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
@@ -248,7 +244,7 @@ def load_offloaded(model, where, kwargs: dict, config, dtype: str, device_map, m
             raise
 
     with load_report_held() as held:
-        base, info = _loading(model, "model weights", load)
+        base, info = loading(model, "model weights", load)
     refuse_missing_weights(model, where, kwargs, base, info, held)
     base.eval().requires_grad_(False)
     first = next(base.parameters())

@@ -36,7 +36,9 @@ def budget_problem(prefix_len: int, tokens: int, new_tokens: int, limit: int | N
 
 def max_positions(config) -> tuple[int | None, str]:
     """(the model's position count, the config field it comes from); (None, '') if the config gives none."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    from .shapes import text_config
+
+    text = text_config(config)
     for field in ("n_positions", "max_position_embeddings"):
         value = getattr(text, field, None)
         if isinstance(value, int) and value > 0:

@@ -24,7 +24,10 @@ import importlib.util
 
 import torch
 
+from .errors import one_line
 from .flags import QUANTIZE_CHOICES, add_quantize_flag  # noqa: F401 (the flag lives where --help needs no torch)
+from .shapes import base_dims, text_config
+from .weights import from_pretrained_complete
 
 TORCHAO_KINDS = ("int8", "int4")  # run on any device
 GPU_KINDS = ("bnb-8bit", "bnb-4bit", "gptq")  # bitsandbytes and GPTQ kernels are CUDA kernels
@@ -44,10 +47,7 @@ def _need(package: str, kind: str, extra: str) -> None:
 def int4_group_size(config) -> int | None:
     """The int4 group size for a model: the largest of INT4_GROUP_SIZES dividing the input width of every decoder
     Linear (hidden size, MLP width, heads x head size); None = one scale per output row."""
-    from .base import _text_config
-    from .shapes import base_dims
-
-    text = _text_config(config)
+    text = text_config(config)
     widths = [getattr(text, "hidden_size", None), getattr(text, "intermediate_size", None)]
     try:
         _, heads, _, head_dim = base_dims(config)
@@ -150,8 +150,6 @@ def _quantize_in_place(base, qconfig) -> None:
 def load_quantized(model, where: str, kwargs: dict, config, dtype: torch.dtype, device, kind: str, log=None):
     """from_pretrained with --quantize `kind` (not none); arguments as `load_base` resolved them. The model comes
     back frozen, in eval mode, on `device`."""
-    from .base import from_pretrained_complete, one_line
-
     qconfig = quantization_config(kind, device, config, dtype, tokenizer=where)
     gguf = "gguf_file" in kwargs
     if gguf and kind not in TORCHAO_KINDS:

@@ -21,6 +21,11 @@ class PrefixShape:
         return asdict(self)
 
 
+def text_config(config):
+    """The decoder's text config of a (possibly multimodal) config: where layers, heads and windows are read."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def base_dims(config) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of a GPT-NeoX, GPT-2 or Llama-family config."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

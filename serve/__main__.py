@@ -24,12 +24,7 @@ log = logging.getLogger("prefixtune.serve")
 
 def build_parser() -> argparse.ArgumentParser:
     # flags.py imports no torch: --help answers at once, and torch loads in build() (after parsing)
-    from prefixtune.prefix.flags import (
-        add_device_flag,
-        add_offload_flags,
-        add_quantize_flag,
-    )
-
+    from ..prefix.flags import add_device_flag, add_offload_flags, add_quantize_flag
     from .limits import CHARS_PER_POSITION, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_LORAS
 
     p = argparse.ArgumentParser(prog="prefix_serve", description=__doc__.split("\n\n")[0],
@@ -101,13 +96,8 @@ def engine_class(name: str):
 
     if name == "sequential":
         return SequentialEngine
-    try:
-        from .engine import Engine
-    except ModuleNotFoundError as e:
-        if name == "batched" or e.name not in ("prefixtune.serve.engine", "serve.engine"):
-            raise
-        log.info("serve/engine.py is not there: using the sequential engine")
-        return SequentialEngine
+    from .engine import Engine
+
     return Engine
 
 
@@ -125,11 +115,12 @@ def build(args, engine_cls=None):
     """Load the base model and --prefix files and build the app: (app, engine). One-line ValueError or
     FileNotFoundError on anything refused."""
     import torch
-    from prefixtune.prefix.base import load_base, load_config
-    from prefixtune.prefix.flags import default_device
-    from prefixtune.prefix.inference import check_prefixes, choose_model, load_prefixes
-    from prefixtune.prefix.offload import offload_options
 
+    from ..prefix.base import load_base, load_config
+    from ..prefix.flags import default_device
+    from ..prefix.io import check_prefixes, choose_model
+    from ..prefix.offload import offload_options
+    from ..prefix.tasks import RENAME, load_prefixes, task_of
     from .app import ServeOptions, create_app
 
     args.device = getattr(args, "device", None) or default_device()
@@ -156,7 +147,8 @@ def build(args, engine_cls=None):
                          "raise --max_loras")
     model = choose_model(args.model, loaded)
     config = load_config(model)
-    check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
+    for warning in check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base):
+        log.warning("%s", warning)
     computes_on = args.device  # with --device_map: the GPU when it gets one (as accelerate places it), else cpu
     if device_map is not None:
         computes_on = "cuda" if torch.cuda.is_available() and (max_memory is None or any(
@@ -171,10 +163,10 @@ def build(args, engine_cls=None):
                                                        max_queue=args.max_queue, route=args.route)
     sources = {}
     for path, (table, shape, meta) in loaded:
-        name = meta.get("task") or str(path)
+        name = task_of(path, meta)
         if name == base_id:
             raise ValueError(f"--prefix {path}: task {name!r} is the base model's id; rename the task: "
-                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
+                             + RENAME.format(path=path))
         engine.add_task(name, table, shape)
         sources[name] = str(path)
     eos = {tok.eos_token_id} | set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
@@ -217,8 +209,8 @@ def _as_list(x):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # first: --help and a bad flag answer before torch and the web stack load
     import uvicorn
-    from prefixtune.prefix.base import one_line
 
+    from ..prefix.errors import one_line
     from .server import PrefixServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

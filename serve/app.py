@@ -32,20 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import (
-    JSONResponse,
-    PlainTextResponse,
-    Response,
-    StreamingResponse,
-)
-from prefixtune.prefix.base import one_line
-from prefixtune.prefix.io import (
-    BASE_TASK,
-)
-from prefixtune.prefix.positions import positions_needed
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..prefix.errors import one_line
+from ..prefix.positions import positions_needed
+from ..prefix.tasks import BASE_TASK
 from .choices import TokenStrings, as_ids, collect, logprobs_of, stream, usage
 from .contract import EngineStopped, GenRequest, QueueFull, UnknownTask
 from .detok import IncrementalDetokenizer, StopText

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
-from prefixtune.prefix.positions import absolute_position_limit, max_positions
-from prefixtune.prefix.shapes import PrefixShape
-from prefixtune.prefix.tasks import check_task_name
+
+from ..prefix.positions import absolute_position_limit, max_positions
+from ..prefix.shapes import PrefixShape
+from ..prefix.tasks import check_task_name
 
 DEFAULT_CONTEXT = 2048  # max_context when neither the model nor the engine's cache names one
 

@@ -104,11 +104,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from prefixtune.prefix.base import check_base_supported
-from prefixtune.prefix.positions import budget_problem
-from prefixtune.prefix.shapes import PrefixShape, base_dims, split_table
-from prefixtune.prefix.tasks import BASE_TASK
 
+from ..prefix.errors import one_line
+from ..prefix.positions import budget_problem
+from ..prefix.shapes import PrefixShape, base_dims, split_table
+from ..prefix.support import check_base_supported
+from ..prefix.tasks import BASE_TASK
 from .contract import (
     FINISH_CANCELLED,
     FINISH_LENGTH,
@@ -178,10 +179,7 @@ def _transformers_version() -> tuple[int, int]:
 def _scheduler_class():
     """PrefixScheduler, defined on first use (importing continuous batching is not free) and registered by name."""
     from transformers.generation.continuous_batching.requests import RequestStatus
-    from transformers.generation.continuous_batching.scheduler import (
-        SCHEDULER_MAPPING,
-        FIFOScheduler,
-    )
+    from transformers.generation.continuous_batching.scheduler import SCHEDULER_MAPPING, FIFOScheduler
 
     if SCHEDULER_NAME in SCHEDULER_MAPPING:
         return SCHEDULER_MAPPING[SCHEDULER_NAME]
@@ -249,12 +247,8 @@ class _PagedRoute:
     def __init__(self, engine: Engine, page_size: int, cache_tokens: int | None, max_batch_tokens: int | None):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
-        from transformers.generation.continuous_batching import (
-            ContinuousBatchingManager,
-        )
-        from transformers.generation.continuous_batching.cache import (
-            group_layers_by_attn_type,
-        )
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+        from transformers.generation.continuous_batching.cache import group_layers_by_attn_type
 
         self.e = engine
         model = engine.model
@@ -362,10 +356,7 @@ class _PagedRoute:
         return self.mgr.is_running() and self.mgr.background_thread_status.can_accept_new_requests() is None
 
     def _handle(self, item) -> None:
-        from transformers.generation.continuous_batching.requests import (
-            GenerationOutput,
-            RequestStatus,
-        )
+        from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
         e = self.e
         if not isinstance(item, GenerationOutput):
@@ -567,7 +558,7 @@ class _PaddedRoute:
             logger.exception("padded route: a %s step failed", "decode" if reset else "prefill")
             for live in lives:
                 if not live.done:
-                    self.e._finish(live, f"error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+                    self.e._finish(live, f"error: {type(exc).__name__}: {one_line(exc)}")
             if reset:
                 self.rows, self.layers, self.mask = [], [], None
 
@@ -656,7 +647,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - any failure to build it means: use the plain route
                 if route == "paged":
                     raise
-                why = f"continuous batching could not start ({type(exc).__name__}: {' '.join(str(exc).split())})"
+                why = f"continuous batching could not start ({type(exc).__name__}: {one_line(exc)})"
         self.route_note = why
         logger.info("serving engine: padded route, because %s", why)
         return _PaddedRoute(self, max_batch_tokens or 4096)

@@ -33,9 +33,10 @@ import logging
 import re
 import time
 
-from prefixtune.prefix.tasks import BASE_TASK
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
+
+from ..prefix.tasks import BASE_TASK
 
 log = logging.getLogger("prefixtune.serve")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)

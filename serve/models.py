@@ -15,15 +15,9 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from prefixtune.prefix.base import one_line
-from prefixtune.prefix.io import (
-    check_base_model,
-    check_compatible,
-    check_task_name,
-    load_prefix,
-)
-from prefixtune.prefix.tasks import BASE_TASK, task_name_problem
-
+from ..prefix.errors import one_line
+from ..prefix.io import check_base_model, check_compatible, load_prefix
+from ..prefix.tasks import BASE_TASK, check_file_task, task_name_problem
 from .contract import EngineClient, UnknownTask
 from .protocol import ApiError
 from .threads import in_passing_thread
@@ -64,7 +58,7 @@ class ServingModels:
         other = []
 
         def check(shape, meta):
-            check_task_name(path, name)
+            check_file_task(path, name)
             if self.options.config is not None:
                 check_compatible(path, shape, meta, self.options.config)
             if shape.prefix_len >= self.max_context():

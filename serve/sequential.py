@@ -15,12 +15,12 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
-from prefixtune.prefix.base import one_line
-from prefixtune.prefix.encoder import table_to_cache
-from prefixtune.prefix.positions import budget_problem
-from prefixtune.prefix.shapes import PrefixShape, base_dims
-from prefixtune.prefix.tasks import BASE_TASK
 
+from ..prefix.encoder import table_to_cache
+from ..prefix.errors import one_line
+from ..prefix.positions import budget_problem
+from ..prefix.shapes import PrefixShape, base_dims
+from ..prefix.tasks import BASE_TASK
 from .contract import (
     FINISH_CANCELLED,
     FINISH_LENGTH,

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prefixtune.train.ports import free_port  # noqa: F401 (the tests' one free-port helper)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

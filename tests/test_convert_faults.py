@@ -1,7 +1,7 @@
 """Faults of the converter: stale Triton task ids, '%' in paths, bad --tp, unsafe outputs, prefixes from another
 model, reserved or unsafe task names, and export targets that cannot or must not be written.
 
-Every refusal is checked for: a one-line `error: ...` naming the input and the fix, exit code 2, and no output
+Every refusal is checked for: a one-line `error: ...` naming the input and the fix, exit code 1, and no output
 changed (a sha256 snapshot of the folder before and after)."""
 from __future__ import annotations
 
@@ -77,9 +77,9 @@ def with_task(path: Path, task: str) -> Path:
 
 
 def refused(proc, *needles: str) -> str:
-    """A CLI refusal: exit 2, no traceback, one line `error: ...` on stderr containing every needle."""
+    """A CLI refusal: exit 1, no traceback, one line `error: ...` on stderr containing every needle."""
     err = proc.stderr.strip()
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert err.startswith("error: ") and "\n" not in err, err
     for n in needles:
@@ -163,7 +163,7 @@ def test_percent_in_model_path(neox, tmp_path, cli):
     assert cli("tasks", str(target)).stdout == "1\tbeta\t4\n"
 
 
-# 3. --tp below 1: one line, exit 2, no folder
+# 3. --tp below 1: one line, exit 1, no folder
 
 @pytest.mark.parametrize("tp", ["0", "-2"])
 def test_cli_refuses_tp_below_one(neox, tmp_path, tp):

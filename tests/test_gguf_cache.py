@@ -7,7 +7,8 @@ import os
 import torch
 
 from prefixtune.prefix import gguf_cache
-from prefixtune.prefix.base import load_base, resolve_model
+from prefixtune.prefix.base import load_base
+from prefixtune.prefix.resolve import resolve_model
 
 
 def test_converted_copy_matches_the_gguf_file(tmp_path, monkeypatch):

@@ -22,8 +22,9 @@ from helpers import ROOT, run, train
 from test_inference_faults import last_line_is_the_error, prompt_of, run_main
 
 from prefixtune.prefix import gguf_cache, prefix_shape
-from prefixtune.prefix.base import default_model_file, load_base, load_config, load_tokenizer, resolve_model
+from prefixtune.prefix.base import load_base, load_config, load_tokenizer
 from prefixtune.prefix.io import load_prefix, save_prefix
+from prefixtune.prefix.resolve import default_model_file, resolve_model
 
 TINY = ["--max_seq_len", 32, "--prefix_seq_len", 4, "--prefix_input_dim", 16, "--prefix_hidden_dim", 16,
         "--dev_data_size", 6, "--batch_size", 2, "--max_steps", 1, "--precision", "fp32"]
@@ -138,7 +139,7 @@ def test_a_folder_missing_a_weight_is_refused_on_every_route(tiny_llama_dir, tmp
             load_base(str(broken), **kw)
         text = str(refused.value)
         assert str(broken) in text and "model.layers.1.mlp.up_proj.weight" in text and "\n" not in text, kw
-    proc = run([sys.executable, "-m", "prefixtune.prefix.inference", "--model", str(broken)], check=False, input="")
+    proc = run([sys.executable, "-m", "prefixtune.inference", "--model", str(broken)], check=False, input="")
     err = one_line_error(proc)
     assert "model.layers.1.mlp.up_proj.weight" in err
     assert "LOAD REPORT" not in proc.stderr  # transformers' multi-line table is held back when the model is refused
@@ -149,7 +150,8 @@ def test_a_folder_missing_a_weight_is_refused_on_every_route(tiny_llama_dir, tmp
 
 def test_every_file_the_project_writes_honours_the_umask(tiny_neox_dir, tmp_path, umask_022):
     from prefixtune.convert.ft_export import export
-    from prefixtune.convert.interchange import retask, to_peft
+    from prefixtune.convert.interchange import to_peft
+    from prefixtune.prefix.tasks import rename_task as retask
     from prefixtune.prefix.io import atomic_write_text
     from prefixtune.train.state import write_state
 
@@ -185,6 +187,7 @@ def test_every_file_the_project_writes_honours_the_umask(tiny_neox_dir, tmp_path
 
 @pytest.mark.parametrize("where", ["lock_write", "mkdir"])
 def test_a_disk_full_at_start_is_one_line_and_leaves_nothing(where, tmp_path, monkeypatch):
+    from prefixtune.prefix.errors import UserError
     from prefixtune.train import outputs
     from prefixtune.train.outputs import Outputs, RunLock
 
@@ -196,9 +199,9 @@ def test_a_disk_full_at_start_is_one_line_and_leaves_nothing(where, tmp_path, mo
     else:
         monkeypatch.setattr(Path, "mkdir", full)
     run_dir = tmp_path / "runs" / "a"
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(UserError) as stop:
         RunLock(Outputs(run_dir, "p")).acquire()
-    assert str(stop.value.code).startswith(f"error: no space left in {run_dir} to start the run")
+    assert str(stop.value).startswith(f"no space left in {run_dir} to start the run")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # no lock file, no folder made for the run
 
@@ -267,7 +270,7 @@ def test_cleanup_removes_safetensors_own_temporary_of_this_save_name_only(tmp_pa
 
 HELP_COMMANDS = {
     "train": ["-m", "train"],
-    "prefix_inference": ["-m", "prefixtune.prefix.inference"],
+    "prefix_inference": ["-m", "prefixtune.inference"],
     "prefix_serve": ["-m", "prefixtune.serve"],
 }
 
@@ -303,7 +306,7 @@ def test_console_scripts_answer_help_without_torch():
 
 
 def test_the_device_default_is_resolved_after_parsing():
-    from prefixtune.prefix.inference import build_parser
+    from prefixtune.inference.cli import build_parser
 
     assert build_parser().parse_args([]).device is None  # decided in main(), where torch is loaded
 

@@ -50,7 +50,7 @@ def prefixes(tiny_llama_dir, tmp_path_factory):
 
 
 def cli(*args, **kw):
-    return run([sys.executable, "-m", "prefixtune.prefix.inference", *map(str, args)], **kw)
+    return run([sys.executable, "-m", "prefixtune.inference", *map(str, args)], **kw)
 
 
 def test_repl_through_stdin_switches_tasks(tiny_llama_dir, prefixes):

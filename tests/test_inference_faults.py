@@ -16,10 +16,11 @@ from helpers import ROOT
 from test_inference import greedy_reference
 
 from prefixtune.prefix import prefix_shape
-from prefixtune.prefix.base import check_base_supported, load_config
+from prefixtune.prefix.base import load_config
 from prefixtune.prefix.generate import Generator, Sampling
-from prefixtune.prefix.inference import main
+from prefixtune.inference.cli import main
 from prefixtune.prefix.io import check_base_model, load_prefix, same_base_model, save_prefix
+from prefixtune.prefix.support import check_base_supported
 
 P = 5
 
@@ -72,7 +73,7 @@ def last_line_is_the_error(err: str) -> str:
 def cli_bytes(*args, stdin: bytes = b"", timeout: int = 300) -> subprocess.CompletedProcess:
     """The CLI in a subprocess with raw bytes on stdin (helpers.run only sends text)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "prefixtune.prefix.inference", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "prefixtune.inference", *map(str, args)], cwd=ROOT, env=env,
                           input=stdin, capture_output=True, timeout=timeout)
 
 

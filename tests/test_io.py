@@ -156,12 +156,13 @@ def test_rename_task_keeps_everything_else(tmp_path):
     path = tmp_path / "p.safetensors"
     save_prefix(path, table, shape, task="base", base_model="some/model", architecture="llama",
                 train_args={"seed": 3})
-    run([sys.executable, "-m", "prefixtune.prefix.io", "rename", str(path), "smile"])
+    run([sys.executable, "-m", "prefixtune.convert", "retask", "--prefix", str(path), "--task", "smile"])
     loaded, loaded_shape, meta = load_prefix(path)
     assert torch.equal(loaded, table) and loaded_shape == shape
     assert (meta["task"], meta["base_model"], meta["architecture"], meta["train_args"]) == \
         ("smile", "some/model", "llama", {"seed": 3})
-    proc = run([sys.executable, "-m", "prefixtune.prefix.io", "rename", str(path), "base"], check=False)
+    proc = run([sys.executable, "-m", "prefixtune.convert", "retask", "--prefix", str(path), "--task", "base"],
+               check=False)
     assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ") and "reserved" in proc.stderr
     assert "Traceback" not in proc.stderr and load_prefix(path)[2]["task"] == "smile"
 

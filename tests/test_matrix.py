@@ -109,10 +109,12 @@ def test_trains_saves_the_master_prefix_and_resumes_exactly(case, tiny_llama_dir
         torch.testing.assert_close(ta, master, rtol=1e-6, atol=1e-7)
 
 
+def supported_precisions() -> list[str]:
+    return [p for p in ("fp32", "fp16", "bf16") if unsupported_precision(p) is None]
+
+
 def test_unsupported_precision_is_refused_up_front(tiny_llama_dir, text_jsonl, tmp_path):
     """fp16 where the device has none: a one-line error naming --bf16 / --precision auto, before any model loads."""
-    from prefixtune.train.ds_config import supported_precisions
-
     missing = [p for p in ("fp16", "bf16") if p not in supported_precisions()]
     if not missing:
         pytest.skip("this machine trains in fp16 and bf16 alike: nothing to refuse here")

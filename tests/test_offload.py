@@ -220,7 +220,7 @@ def test_offload_flag_combinations(tmp_path):
 
 def test_gguf_disk_offload_is_refused(tmp_path):
     """transformers cannot offload a GGUF model to disk: refused before any weight is read, naming the fix."""
-    from prefixtune.prefix.base import default_model_file
+    from prefixtune.prefix.resolve import default_model_file
 
     try:
         default_model_file()
@@ -233,7 +233,7 @@ def test_gguf_disk_offload_is_refused(tmp_path):
 
 # --- the command line -------------------------------------------------------------------------------------------
 def cli(*args, **kw):
-    return run([sys.executable, "-m", "prefixtune.prefix.inference", *map(str, args)], **kw)
+    return run([sys.executable, "-m", "prefixtune.inference", *map(str, args)], **kw)
 
 
 def test_cli_batch_offloaded_equals_in_memory(tiny_llama_dir, tmp_path):

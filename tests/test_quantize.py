@@ -166,14 +166,14 @@ def test_inference_cli_refuses_bnb_on_cpu_and_runs_int8(tiny_llama_dir, tmp_path
     import sys
 
     if not torch.cuda.is_available():
-        proc = run([sys.executable, "-m", "prefixtune.prefix.inference", "--model", str(tiny_llama_dir),
+        proc = run([sys.executable, "-m", "prefixtune.inference", "--model", str(tiny_llama_dir),
                     "--quantize", "bnb-4bit", "--device", "cpu"], input="hello\n", check=False)
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith("error: --quantize bnb-4bit: expected a CUDA GPU") and len(lines) == 1
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "The quick brown fox"}) + "\n", encoding="utf-8")
-    proc = run([sys.executable, "-m", "prefixtune.prefix.inference", "--model", str(tiny_llama_dir), "--quantize",
+    proc = run([sys.executable, "-m", "prefixtune.inference", "--model", str(tiny_llama_dir), "--quantize",
                 "int8", "--device", "cpu", "--greedy", "--max_new_tokens", "4", "--input", str(prompts)])
     assert "quantize int8: 14 of 15 Linear weights quantized" in proc.stderr
     assert "completion" in json.loads(proc.stdout.splitlines()[0])

@@ -11,8 +11,8 @@ import pytest
 from helpers import train
 
 from conftest import CORPUS
-from prefixtune.prefix.io import load_prefix, rename_task
-from prefixtune.prefix.tasks import task_name_problem
+from prefixtune.prefix.io import load_prefix
+from prefixtune.prefix.tasks import rename_task, task_name_problem
 
 TINY = ["--max_seq_len", 32, "--prefix_seq_len", 4, "--prefix_input_dim", 16, "--prefix_hidden_dim", 16,
         "--batch_size", 2, "--dev_data_size", 4]

@@ -574,12 +574,9 @@ def test_every_flag_has_help():
 
 def test_sigterm_drains_then_exits(tiny_llama_dir, tables, tok):
     """The real command: SIGTERM lets the stream in flight finish, turns new requests away with 503, exits 0."""
-    from helpers import ROOT
-    from prefixtune.serve.server import free_socket
+    from helpers import ROOT, free_port
 
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "prefixtune.serve", "--model", str(tiny_llama_dir), "--prefix",
                              str(tables["dir"] / "alpha.safetensors"), "--engine", "sequential", "--device", "cpu",

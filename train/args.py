@@ -10,11 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from prefixtune.prefix.flags import (  # no torch: --help answers at once
-    QUANTIZE_CHOICES,
-    DefaultsOnceFormatter,
-)
-from prefixtune.prefix.tasks import task_name_problem
+from ..prefix.flags import QUANTIZE_CHOICES, DefaultsOnceFormatter  # no torch: --help answers at once
+from ..prefix.tasks import task_name_problem
 
 
 def _f(default, help: str, **kw):
@@ -218,9 +215,7 @@ _BEFORE_FLAG = {"quantize": "none", "batching": "shuffle"}
 
 def resume_mismatches(saved: dict, now: TrainArgs, saved_world: int, world: int) -> list[str]:
     """Each argument where the saved run and this one differ, as '--flag: the state has X, this run Y'."""
-    from prefixtune.prefix.io import (
-        same_base_model,  # paths compare resolved, so a moved working folder is fine
-    )
+    from ..prefix.io import same_base_model  # paths compare resolved, so a moved working folder is fine
 
     problems = []
     for name in RESUME_MUST_MATCH:

@@ -14,8 +14,10 @@ import json
 import sys
 
 import torch
+
 from prefixtune.data import build_split, builtin_records, read_jsonl
-from prefixtune.prefix.base import load_base, one_line
+from prefixtune.prefix.base import load_base
+from prefixtune.prefix.errors import UserError, exits_on_error, one_line
 from prefixtune.prefix.generate import Generator, Sampling
 from prefixtune.prefix.io import check_base_model, load_prefix
 
@@ -38,7 +40,7 @@ def held_out_prompts(train_args: dict, tokenizer, n: int) -> list[str]:
     land in dev depends on how many examples each yields, so transform and lengths must match)."""
     from dataclasses import fields
 
-    from .args import TrainArgs
+    from prefixtune.train.args import TrainArgs
 
     a = TrainArgs(**{f.name: train_args[f.name] for f in fields(TrainArgs) if f.name in train_args})
     records = read_jsonl(a.data_path) if a.data_path else builtin_records()
@@ -49,6 +51,7 @@ def held_out_prompts(train_args: dict, tokenizer, n: int) -> list[str]:
     return firsts[:n]
 
 
+@exits_on_error()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--prefix", required=True, help="prefix .safetensors trained with the smileface transform")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
         task = gen.add_prefix(a.prefix, loaded=(table, shape, meta))
         prompts = held_out_prompts(meta["train_args"], tok, a.n_prompts)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {one_line(e)}") from None
+        raise UserError(one_line(e)) from None
     sampling = Sampling(max_new_tokens=a.max_new_tokens, greedy=True)
     result = {}
     for label, t in (("without prefix", None), (f"with prefix {task}", task)):

@@ -32,7 +32,7 @@ def to_be_written(path: str | None) -> bool:
 def write_built_config(path: str, cfg: dict) -> None:
     """Write the resolved configuration where --deepspeed_config names a missing file (rank 0, atomically, so another
     rank that looks meanwhile reads either nothing or the whole file, which resolves to the same config)."""
-    from prefixtune.prefix.io import atomic_write_text
+    from ..prefix.io import atomic_write_text
 
     parent = Path(path).expanduser().parent
     if not parent.is_dir():
@@ -107,10 +107,6 @@ def unsupported_precision(prec: str) -> str | None:
     if prec == "bf16" and not acc.is_bf16_supported():
         return f"bf16 is not supported on {where}: use --fp16, or --precision auto"
     return None
-
-
-def supported_precisions() -> list[str]:
-    return [p for p in ("fp32", "fp16", "bf16") if unsupported_precision(p) is None]
 
 
 def precision(cfg: dict) -> str:

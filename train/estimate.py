@@ -163,7 +163,7 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     backward.
     """
     c = _text(config)
-    from prefixtune.prefix.shapes import base_dims
+    from ..prefix.shapes import base_dims
 
     L, _, D = base_dims(c)
     E, Hq, V = c.hidden_size, c.num_attention_heads, c.vocab_size
@@ -183,7 +183,7 @@ def activation_bytes(config, batch: int, seq: int, prefix: int, s: int, checkpoi
     else:
         parts["activations kept for backward, all layers"] = L * layer
     parts["backward working set (one layer's gradients)"] = layer
-    from prefixtune.prefix.loss import chunk_row_bytes, chunk_rows
+    from ..prefix.loss import chunk_row_bytes, chunk_rows
 
     rows = B * (T - 1)
     parts["LM head: one chunk of logits + hidden gradient"] = \
@@ -220,8 +220,7 @@ def available_ram() -> int | None:
 def build_plan(a, ds_cfg: dict, config, processes: int, base_params: int | None = None,
                device: tuple[str, int | None, str] | None = None, model_name: str | None = None) -> MemoryPlan:
     """The plan for arguments `a` (TrainArgs) and the resolved DeepSpeed config `ds_cfg`."""
-    from prefixtune.prefix.shapes import prefix_shape
-
+    from ..prefix.shapes import prefix_shape
     from .ds_config import offloads, precision
 
     prec = precision(ds_cfg)
@@ -316,12 +315,10 @@ def print_plan(a, ds_cfg: dict, processes: int) -> int:
 
 def load_plan_config(model: str | None):
     """(config, name) for --model: what load_config reads, or a bare config.json file (no weights, no tokenizer)."""
-    from prefixtune.prefix.base import (
-        check_base_supported,
-        load_config,
-        model_display_name,
-        one_line,
-    )
+    from ..prefix.base import load_config
+    from ..prefix.errors import UserError, one_line
+    from ..prefix.resolve import model_display_name
+    from ..prefix.support import check_base_supported
 
     try:
         if model and str(model).endswith(".json") and os.path.isfile(model):
@@ -333,5 +330,5 @@ def load_plan_config(model: str | None):
             config = load_config(model)
     except (OSError, ValueError) as e:
         msg = one_line(e)
-        raise SystemExit(f"error: {msg if msg.startswith('--model') else f'--model {model}: {msg}'}") from None
+        raise UserError(f"{msg if msg.startswith('--model') else f'--model {model}: {msg}'}") from None
     return config, model_display_name(model)

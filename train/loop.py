@@ -15,55 +15,26 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from prefixtune.data import (
-    DataError,
-    SplitReport,
-    build_split,
-    builtin_records,
-    collate,
-    epoch_order,
-    read_jsonl,
-)
-from prefixtune.prefix import (
-    PrefixEncoder,
-    PrefixLM,
-    PrefixShape,
-    is_trainable,
-    prefix_shape,
-    text_key_values,
-)
-from prefixtune.prefix.base import load_base, one_line
-from prefixtune.prefix.io import save_prefix
-from prefixtune.prefix.positions import absolute_position_limit, positions_needed
-from prefixtune.prefix.quantize import hidden_from_deepspeed
 from safetensors import SafetensorError
 
+from ..data import DataError, SplitReport, build_split, builtin_records, collate, epoch_order, read_jsonl
+from ..prefix import PrefixEncoder, PrefixLM, PrefixShape, is_trainable, prefix_shape, text_key_values
+from ..prefix.base import load_base
+from ..prefix.errors import UserError, exits_on_error, one_line
+from ..prefix.io import save_prefix
+from ..prefix.positions import absolute_position_limit, positions_needed
+from ..prefix.quantize import hidden_from_deepspeed
 from .args import TrainArgs, parse_args, resume_mismatches
-from .ds_config import (
-    build_ds_config,
-    offloads,
-    precision,
-    to_be_written,
-    unsupported_precision,
-    write_built_config,
-)
+from .ds_config import build_ds_config, offloads, precision, to_be_written, unsupported_precision, write_built_config
 from .outputs import Log, Outputs, RunLock, no_space_message
-from .state import (
-    find_state,
-    gather_params,
-    gather_state,
-    optimizer_step_count,
-    read_state,
-    restore_state,
-    write_state,
-)
+from .ports import free_port
+from .state import find_state, gather_params, gather_state, optimizer_step_count, read_state, restore_state, write_state
 
 SEED_MODEL_TYPES = {"gpt-neox": "gpt_neox", "gpt": "gpt2"}
 
@@ -118,12 +89,6 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------------- setup
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pin_malloc_thresholds(low_memory: bool = False) -> None:
     """Pin glibc's malloc thresholds (Linux/glibc only; elsewhere nothing happens).
 
@@ -159,7 +124,7 @@ def init_distributed():
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -175,10 +140,10 @@ def init_distributed():
 
 def check_outputs(a: TrainArgs, out: Outputs) -> None:
     if out.prefix.exists() and not (a.resume or a.overwrite):
-        raise SystemExit(f"error: {out.prefix} exists: pass --resume to continue that run, --overwrite to start "
-                         "afresh, or choose another --save_name")
+        raise UserError(f"{out.prefix} exists: pass --resume to continue that run, --overwrite to start "
+                        "afresh, or choose another --save_name")
     if a.resume and find_state(out.state) is None:
-        raise SystemExit(f"error: --resume: no training state at {out.state}; start without --resume")
+        raise UserError(f"--resume: no training state at {out.state}; start without --resume")
 
 
 def load_model(a: TrainArgs, dtype: str, device):
@@ -188,16 +153,16 @@ def load_model(a: TrainArgs, dtype: str, device):
     except (OSError, ValueError) as e:
         msg = one_line(e)
         msg = msg if msg.startswith(("--model", "--quantize")) else f"--model {a.model}: {msg}"
-        raise SystemExit(f"error: {msg}") from None
+        raise UserError(msg) from None
     model_type = base.config.model_type
     if a.model_type and SEED_MODEL_TYPES[a.model_type] != model_type:
-        raise SystemExit(f"error: --model_type {a.model_type} expects a {SEED_MODEL_TYPES[a.model_type]} model, "
-                         f"but {name} is {model_type}: fix or drop --model_type")
+        raise UserError(f"--model_type {a.model_type} expects a {SEED_MODEL_TYPES[a.model_type]} model, "
+                        f"but {name} is {model_type}: fix or drop --model_type")
     max_pos = absolute_position_limit(base)  # a learned position table (GPT-2) ends; rotary positions do not
     if positions_needed(a.prefix_seq_len, a.max_seq_len) > (max_pos or math.inf):
-        raise SystemExit(f"error: --prefix_seq_len + --max_seq_len = "
-                         f"{positions_needed(a.prefix_seq_len, a.max_seq_len)} exceeds the model's {max_pos} positions: "
-                         "shorten one of them")
+        raise UserError(f"--prefix_seq_len + --max_seq_len = "
+                        f"{positions_needed(a.prefix_seq_len, a.max_seq_len)} exceeds the model's {max_pos} positions: "
+                        "shorten one of them")
     return base, tok, name, model_type
 
 
@@ -209,7 +174,7 @@ def load_examples(a: TrainArgs, tok, log: Log) -> tuple[list, list]:
             records, tok, max_len=a.max_seq_len, transform=a.data_transform, seed=a.seed,
             train_size=a.train_data_size, dev_size=a.dev_data_size, eos_id=tok.eos_token_id, report=report)
     except DataError as e:
-        raise SystemExit(f"error: bad training data: {e}") from None
+        raise UserError(f"bad training data: {e}") from None
     source = a.data_path or "built-in paragraphs"
     log(f"data: {source}, transform {a.data_transform}"
         + (" (appends ' 😃' to every line; --transform none trains the text as is)"
@@ -217,7 +182,7 @@ def load_examples(a: TrainArgs, tok, log: Log) -> tuple[list, list]:
     for line in report.lines():
         log(line)
     if not dev_ex:
-        raise SystemExit(f"error: {source}: no record gives a dev example; add data or raise --max_seq_len")
+        raise UserError(f"{source}: no record gives a dev example; add data or raise --max_seq_len")
     return train_ex, dev_ex
 
 
@@ -257,9 +222,9 @@ def setup(a: TrainArgs, ds_cfg: dict, out: Outputs) -> Run:
     train_ex, dev_ex = load_examples(a, tok, log)
     global_batch = ds_cfg["train_micro_batch_size_per_gpu"] * ds_cfg["gradient_accumulation_steps"] * world
     if len(train_ex) < global_batch:
-        raise SystemExit(f"error: {len(train_ex)} training examples do not fill one optimizer step of {global_batch} "
-                         f"(--batch_size {ds_cfg['train_micro_batch_size_per_gpu']} x --n_accum_steps "
-                         f"{ds_cfg['gradient_accumulation_steps']} x {world} processes): add data or shrink these")
+        raise UserError(f"{len(train_ex)} training examples do not fill one optimizer step of {global_batch} "
+                        f"(--batch_size {ds_cfg['train_micro_batch_size_per_gpu']} x --n_accum_steps "
+                        f"{ds_cfg['gradient_accumulation_steps']} x {world} processes): add data or shrink these")
 
     encoder = PrefixEncoder(shape, a.prefix_input_dim, a.prefix_hidden_dim, a.prefix_dropout)
     anchor = text_key_values(base, tok, a.prefix_init_text, shape) if a.prefix_init == "text" else None
@@ -339,7 +304,7 @@ def _on_disk_full(e: Exception, what: str, run: Run, need: int):
     msg = no_space_message(e, what, run.out.folder, need)
     if msg is None:
         raise e
-    raise SystemExit(msg) from None
+    raise UserError(msg) from None
 
 
 def save_best(run: Run, params: dict) -> None:
@@ -381,8 +346,7 @@ def resume(run: Run) -> tuple[int, float]:
     try:
         params, moments, rng, trainer = read_state(folder)
     except (OSError, ValueError, SafetensorError) as e:
-        raise SystemExit(f"error: --resume: {folder} is damaged ({one_line(e)}); start afresh with --overwrite") \
-            from None
+        raise UserError(f"--resume: {folder} is damaged ({one_line(e)}); start afresh with --overwrite") from None
     problems = resume_mismatches(trainer.get("args", {}), run.args, trainer.get("world_size", run.world), run.world)
     for key, now in run_settings(run).items():
         if key in trainer and trainer[key] != now:
@@ -399,8 +363,8 @@ def resume(run: Run) -> tuple[int, float]:
         problems.append(f"the saved run used {trainer['n_train']} examples in steps of {trainer['global_batch']}, "
                         f"this one {len(run.train_ex)} in steps of {run.global_batch}")
     if problems:
-        raise SystemExit(f"error: --resume: {folder} is the state of another run ({'; '.join(problems)}): resume "
-                         "with the same arguments, or start afresh with --overwrite")
+        raise UserError(f"--resume: {folder} is the state of another run ({'; '.join(problems)}): resume "
+                        "with the same arguments, or start afresh with --overwrite")
     # the anchor as the run began: recomputing it under another precision or library version would move it
     run.anchor_fp32 = params.pop("anchor")
     with torch.no_grad():
@@ -503,6 +467,7 @@ def fit(run: Run, step: int, best: float) -> float:
 
 # ---------------------------------------------------------------------------------------------------- main
 
+@exits_on_error()
 def main(argv=None) -> int:
     a = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -510,20 +475,20 @@ def main(argv=None) -> int:
     try:
         ds_cfg = build_ds_config(a, world)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(str(e)) from None
     if a.quantize != "none" and ds_cfg["zero_optimization"]["stage"] == 3:
-        raise SystemExit(f"error: --quantize {a.quantize}: expected --zero_stage 0, 1 or 2, got 3 (ZeRO-3 expects "
-                         "every parameter of the model partitioned, and quantized weights cannot be); use --zero_stage "
-                         "2: the quantized frozen base is not partitioned by any stage")
+        raise UserError(f"--quantize {a.quantize}: expected --zero_stage 0, 1 or 2, got 3 (ZeRO-3 expects "
+                        "every parameter of the model partitioned, and quantized weights cannot be); use --zero_stage "
+                        "2: the quantized frozen base is not partitioned by any stage")
     if offloads(ds_cfg) and ds_cfg["zero_optimization"]["stage"] == 0:
-        raise SystemExit("error: --offload needs ZeRO stage 1, 2 or 3: set --zero_stage 2")
+        raise UserError("--offload needs ZeRO stage 1, 2 or 3: set --zero_stage 2")
     if a.estimate:  # the memory plan, for this machine or another: before the precision check and any loading
         from .estimate import print_plan
 
         return print_plan(a, build_ds_config(a, a.processes) if a.processes else ds_cfg, a.processes or world)
     problem = unsupported_precision(precision(ds_cfg))
     if problem:
-        raise SystemExit(f"error: {problem}")
+        raise UserError(problem)
     out = Outputs(Path(a.save_dir), a.save_name)
     check_outputs(a, out)
     lock = RunLock(out)
@@ -535,8 +500,8 @@ def main(argv=None) -> int:
                 write_built_config(write_config_to, ds_cfg)
             except (OSError, ValueError) as e:
                 lock.release()
-                raise SystemExit(f"error: --deepspeed_config {write_config_to}: cannot write the built configuration "
-                                 f"there ({one_line(e)})") from None
+                raise UserError(f"--deepspeed_config {write_config_to}: cannot write the built configuration "
+                                f"there ({one_line(e)})") from None
             print(f"--deepspeed_config {write_config_to}: no such file, so the configuration built from the flags was "
                   "written there (an existing file is read instead)", flush=True)
     pin_malloc_thresholds(low_memory=a.gradient_checkpointing)

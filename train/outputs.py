@@ -18,7 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefixtune.prefix.io import atomic_path
+from ..prefix.errors import UserError
+from ..prefix.io import atomic_path
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class RunLock:
         self.made: list[Path] = []  # the folders acquire() created, innermost first
 
     def acquire(self) -> None:
-        """Hold the lock, or exit with one line: another run holds it, or the folder or the lock file cannot be
+        """Hold the lock, or raise a UserError: another run holds it, or the folder or the lock file cannot be
         written (a full disk, no permission). A failed start leaves nothing behind: no lock file, no folder."""
         folder = self.path.parent
         self.made = []
@@ -106,8 +107,8 @@ class RunLock:
                 other = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 fd = None
-                raise SystemExit(f"error: another run (pid {other}) is writing {self.path.with_suffix('')}.* in "
-                                 f"{folder}: wait for it to finish, or choose another --save_name") from None
+                raise UserError(f"another run (pid {other}) is writing {self.path.with_suffix('')}.* in "
+                                f"{folder}: wait for it to finish, or choose another --save_name") from None
             ours = True  # held: a lock file left by a dead run is ours to remove too
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
@@ -118,10 +119,10 @@ class RunLock:
                 os.close(fd)
             self._remove_made_folders()
             if is_disk_full(e):
-                raise SystemExit(f"error: no space left in {folder} to start the run (its lock file "
-                                 f"{self.path.name} cannot be written); free some space, then run again") from None
-            raise SystemExit(f"error: cannot write the lock file {self.path} ({e.strerror or e}); pass a --save_dir "
-                             "you can write to") from None
+                raise UserError(f"no space left in {folder} to start the run (its lock file "
+                                f"{self.path.name} cannot be written); free some space, then run again") from None
+            raise UserError(f"cannot write the lock file {self.path} ({e.strerror or e}); pass a --save_dir "
+                            "you can write to") from None
         self.fd = fd
 
     def _remove_made_folders(self) -> None:
@@ -155,7 +156,7 @@ def no_space_message(e: BaseException, what: str, folder: Path, need_bytes: int)
     if not is_disk_full(e):
         return None
     free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return (f"error: no space left in {folder} to save the {what} (needs about {fmt(need_bytes)}, "
+    return (f"no space left in {folder} to save the {what} (needs about {fmt(need_bytes)}, "
             f"{fmt(free)} free); free some space, then continue with --resume (the previous outputs "
             "are intact)")
 
@@ -187,7 +188,7 @@ class Log:
             msg = no_space_message(e, "metrics", self.metrics_path.parent, len(line))
             if msg is None:
                 raise
-            raise SystemExit(msg) from None
+            raise UserError(msg) from None
 
     def truncate_metrics(self, last_step: int) -> None:
         """On resume: forget the steps after the saved state (they run again) and a line cut by a kill."""
@@ -209,4 +210,4 @@ class Log:
             msg = no_space_message(e, "metrics", self.metrics_path.parent, len(text))
             if msg is None:
                 raise
-            raise SystemExit(msg) from None
+            raise UserError(msg) from None

@@ -24,8 +24,9 @@ from deepspeed.utils import (
     safe_set_full_fp32_param,
     safe_set_full_optimizer_state,
 )
-from prefixtune.prefix.io import file_mode
 from safetensors.torch import load_file, save_file
+
+from ..prefix.io import file_mode
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")

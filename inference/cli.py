@@ -5,7 +5,7 @@
     prefix_inference --prefix a.safetensors b.safetensors --input prompts.jsonl --output out.jsonl
     prefix_inference --prefix a.safetensors --device_map auto --max_memory 0=14GiB,cpu=30GiB --offload_dir off/
     prefix_inference --prefix a.safetensors --quantize int8             # int8 weights (torchao), CPU or GPU
-    python -m prefixtune.prefix.inference --model_type gpt-neox --pretrained_model_dir DIR \
+    python -m prefixtune.inference --model_type gpt-neox --pretrained_model_dir DIR \
         --prefix_checkpoint_path a.safetensors --decode_method nucleus --top_p 0.9     # the seed's flags
 
 Input JSONL lines are {"prompt": ...} with an optional "task"; output lines add "completion".
@@ -18,10 +18,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..prefix.errors import UserError, exits_on_error, one_line
 
 # torch, transformers and the modules that import them load in the functions that use them, after parsing: --help
 # answers at once (flags.py)
-from .flags import (  # noqa: F401
+from ..prefix.flags import (  # noqa: F401
     DTYPE_NAMES,
     DefaultsOnceFormatter,
     add_device_flag,
@@ -29,6 +32,9 @@ from .flags import (  # noqa: F401
     add_quantize_flag,
     default_device,
 )
+
+if TYPE_CHECKING:
+    from ..prefix.generate import Generator, Sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_from(args) -> Sampling:
-    from .generate import Sampling
+    from ..prefix.generate import Sampling
 
     s = Sampling(max_new_tokens=args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
                  top_p=args.top_p, top_k=args.top_k)
@@ -159,27 +165,23 @@ def repl(gen: Generator, task: str | None, sampling: Sampling, interactive: bool
         except KeyboardInterrupt:  # stop this generation, keep the session
             print(file=out)
         except (ValueError, torch.OutOfMemoryError) as e:
-            print(f"line {n} skipped: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"line {n} skipped: {one_line(e)}", file=sys.stderr)
         out.flush()
 
 
 def read_prompt_lines(path: str) -> list[tuple[int, dict]]:
-    """(line number, {"prompt", "task"?}) for each non-blank line of a JSONL file; SystemExit on a bad line."""
-    from prefixtune.data.jsonl import DataError, iter_json_lines
+    """(line number, {"prompt", "task"?}) for each non-blank line of a JSONL file; UserError on a bad line."""
+    from ..data.jsonl import DataError, iter_json_lines
 
     rows = []
     try:
         for n, obj in iter_json_lines(path):
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise SystemExit(f"error: {path}:{n}: expected an object with a string field 'prompt'")
+                raise UserError(f"{path}:{n}: expected an object with a string field 'prompt'")
             rows.append((n, obj))
     except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(f"{e}") from None
     return rows
-
-
-def read_prompts(path: str) -> list[dict]:
-    return [row for _, row in read_prompt_lines(path)]
 
 
 def stop_tokens(model) -> tuple[int, ...]:
@@ -197,9 +199,10 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
     Sampling draws from one generator per row, seeded from torch's global generator (--seed), so a row's
     completion does not depend on the rows around it."""
     import torch
-    from prefixtune.serve.engine import Engine, GenRequest, QueueFull
-    from prefixtune.serve.threads import in_passing_thread
     from tqdm import tqdm
+
+    from ..serve.engine import Engine, GenRequest, QueueFull
+    from ..serve.threads import in_passing_thread
 
     engine = in_passing_thread(Engine, gen.model, gen.tok, max_batch_size=batch_size, max_queue=max(1, len(rows)))
     for name, (table, shape) in gen.tasks.items():
@@ -223,14 +226,14 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
         for i, (row, at) in enumerate(zip(rows, where)):
             ids = gen.tok(row["prompt"], add_special_tokens=False)["input_ids"]
             if not ids:
-                raise SystemExit(f"error: {at}: the prompt is empty (no tokens): give some text")
+                raise UserError(f"{at}: the prompt is empty (no tokens): give some text")
             req = GenRequest(ids, task=row["task"], max_new_tokens=sampling.max_new_tokens,
                              temperature=0.0 if sampling.greedy else sampling.temperature, top_p=sampling.top_p,
                              top_k=sampling.top_k or 0, seed=seeds[i], stop_token_ids=stop)
             try:
                 engine.submit(req, collector(i))
             except (ValueError, QueueFull) as e:
-                raise SystemExit(f"error: {at}: {' '.join(str(e).split())}") from None
+                raise UserError(f"{at}: {one_line(e)}") from None
         engine.start()
         engine.shutdown(drain=True)  # returns once every row has finished
     finally:
@@ -238,7 +241,7 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
         bar.close()
     for at, end in zip(where, ends):
         if end is None or end.startswith("error") or end == "cancelled":
-            raise SystemExit(f"error: {at}: generation failed ({end or 'no result'})")
+            raise UserError(f"{at}: generation failed ({end or 'no result'})")
     # as Generator.generate: max_new_tokens can cut a character that spans several tokens; drop the incomplete tail
     return [gen.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd") for ids in outs]
 
@@ -246,20 +249,20 @@ def generate_rows(gen: Generator, rows: list[dict], sampling: Sampling, batch_si
 def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, batch_size: int, output,
           where: list[str] | None = None) -> None:
     """Generate for every row; `where` names each row in errors (default: 'prompt N')."""
-    from .io import atomic_path
+    from ..prefix.io import atomic_path
 
     where = where or [f"prompt {i + 1}" for i in range(len(rows))]
     for row, at in zip(rows, where):
         t = row.get("task", default_task)
         row["task"] = None if t in (None, "base") else t
         if row["task"] is not None and row["task"] not in gen.tasks:
-            raise SystemExit(f"error: {at}: task {t!r} is not loaded; loaded: {', '.join(gen.tasks) or 'none'}")
+            raise UserError(f"{at}: task {t!r} is not loaded; loaded: {', '.join(gen.tasks) or 'none'}")
         # Refuse before generating anything, against the model's positions as the REPL does (past an absolute
         # position table generation would crash midway); the engine's cache size is its own business.
         n_tokens = len(gen.tok(row["prompt"], add_special_tokens=False)["input_ids"])
         problem = gen.length_problem(n_tokens, row["task"], sampling.max_new_tokens, absolute_only=False)
         if problem:
-            raise SystemExit(f"error: {at}: {problem}")
+            raise UserError(f"{at}: {problem}")
     completions = generate_rows(gen, rows, sampling, batch_size, where)
     for row, text in zip(rows, completions):
         row["completion"] = text
@@ -271,111 +274,65 @@ def batch(gen: Generator, rows: list[dict], default_task, sampling: Sampling, ba
         sys.stdout.write(text)
 
 
-def load_prefixes(paths: list[str]) -> list[tuple[str, tuple]]:
-    """Read every --prefix file before any model loads: (path, (table, shape, meta)). Refuses a task named 'base'
-    and two files with the same task."""
-    from .io import check_task_name, load_prefix
-
-    loaded, seen = [], {}
-    for path in paths:
-        table, shape, meta = load_prefix(path)
-        name = meta.get("task") or str(path)
-        check_task_name(path, name)
-        if name in seen:
-            first = seen[name]
-            if Path(first).resolve() == Path(path).resolve():
-                raise ValueError(f"--prefix {path} is given twice; give it once")
-            raise ValueError(f"--prefix {first} and {path} both carry task {name!r}; rename one with "
-                             f"python -m prefixtune.prefix.io rename {path} NEW_NAME")
-        seen[name] = path
-        loaded.append((path, (table, shape, meta)))
-    return loaded
+def _refused(e: BaseException | str) -> UserError:
+    return UserError(one_line(e, limit=None))
 
 
-def choose_model(model: str | None, loaded: list[tuple[str, tuple]]) -> str | None:
-    """The base model to load: --model if given, else the one all prefixes were trained on (their base_model)."""
-    from .io import same_base_model
-
-    if model is not None or not loaded:
-        return model
-    first_path, (_, _, first) = loaded[0]
-    for path, (_, _, meta) in loaded[1:]:
-        if not same_base_model(first.get("base_model"), meta.get("base_model")):
-            raise ValueError(f"--prefix {first_path} was trained on {first.get('base_model') or 'smollm2'} but {path} "
-                             f"on {meta.get('base_model') or 'smollm2'}, and one run has one base model: pass "
-                             "--model M (with --allow_other_base for prefixes trained on another model), or run "
-                             "them separately")
-    return first.get("base_model") or None
-
-
-def check_prefixes(loaded: list[tuple[str, tuple]], config, model: str | None, given: bool, allow_other: bool) -> None:
-    """Every prefix fits the model's shape (no flag overrides that) and, when --model was given, was trained on
-    it (--allow_other_base overrides that)."""
-    from .io import check_base_model, check_compatible
-
-    for path, (_, shape, meta) in loaded:
-        check_compatible(path, shape, meta, config)
-    if given:
-        for path, (_, _, meta) in loaded:
-            if not check_base_model(path, meta, model, allow_other):
-                print(f"warning: {path} was trained on {meta.get('base_model') or 'smollm2'}; running it on {model} "
-                      "(--allow_other_base)", file=sys.stderr)
-
-
-def _error(e: BaseException) -> SystemExit:
-    return SystemExit("error: " + " ".join(str(e).split()))
-
-
+@exits_on_error()
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch  # only now: --help and a bad flag answer without it
-    from prefixtune.serve.threads import in_passing_thread
 
-    from .base import is_default_model, load_base, load_config
-    from .generate import Generator
-    from .offload import offload_options
+    from ..prefix.base import load_base, load_config
+    from ..prefix.generate import Generator
+    from ..prefix.io import check_prefixes, choose_model
+    from ..prefix.offload import offload_options
+    from ..prefix.resolve import is_default_model
+    from ..prefix.tasks import BASE_TASK, load_prefixes, task_of
+    from ..serve.threads import in_passing_thread
 
     args.device = args.device or default_device()
     if args.max_new_tokens < 1:
-        raise SystemExit(f"error: expected --max_new_tokens of at least 1, got {args.max_new_tokens}")
+        raise UserError(f"expected --max_new_tokens of at least 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
-        raise SystemExit(f"error: expected --batch_size of at least 1, got {args.batch_size}")
+        raise UserError(f"expected --batch_size of at least 1, got {args.batch_size}")
     torch.manual_seed(args.seed)
     try:
         placement = offload_options(args.device_map, args.max_memory, args.offload_dir)
         loaded = load_prefixes(args.prefix)
-        names = [meta.get("task") or str(path) for path, (_, _, meta) in loaded]
+        names = [task_of(path, meta) for path, (_, _, meta) in loaded]
         task = args.task if args.task is not None else (names[0] if names else None)
-        task = None if task == "base" else task
+        task = None if task == BASE_TASK else task
         if task is not None and task not in names:
             raise ValueError(f"--task {task!r} is not among the loaded prefixes: {', '.join(names) or 'none'}; "
                              "pass one of them, or base")
         model = choose_model(args.model, loaded)
     except (ValueError, FileNotFoundError) as e:
-        raise _error(e) from None
+        raise _refused(e) from None
     try:
         config = load_config(model)
     except (ValueError, FileNotFoundError) as e:
         if args.model is None and loaded and not is_default_model(model):
-            raise _error(f"--model not given, so the base model comes from {loaded[0][0]}'s header (base_model "
+            raise _refused(f"--model not given, so the base model comes from {loaded[0][0]}'s header (base_model "
                          f"{model}), which cannot be used: {e}; pass --model with the model it was trained on"
                          ) from None
-        raise _error(e) from None
+        raise _refused(e) from None
     try:
-        check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base)
+        for warning in check_prefixes(loaded, config, model, args.model is not None, args.allow_other_base):
+            print(f"warning: {warning}", file=sys.stderr)
         device_map, max_memory, offload_dir = placement
         # in a thread that ends with it: no OpenMP pool left beside the batch engine's (serve/engine.py)
         base, tok, _ = in_passing_thread(load_base, model, args.dtype, args.device, config=config,
                                          device_map=device_map, max_memory=max_memory, offload_dir=offload_dir,
                                          log=lambda line: print(line, file=sys.stderr), quantize=args.quantize)
     except (ValueError, FileNotFoundError) as e:
-        raise _error(e) from None
+        raise _refused(e) from None
     gen = Generator(base, tok)
     try:
         for path, prefix in loaded:
             in_passing_thread(gen.add_prefix, path, loaded=prefix)
     except (ValueError, FileNotFoundError) as e:
-        raise _error(e) from None
+        raise _refused(e) from None
     sampling = sampling_from(args)
     if args.input:
         numbered = read_prompt_lines(args.input)
