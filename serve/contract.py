@@ -15,6 +15,7 @@ An engine is a class that implements EngineClient; `serve/engine.py` (batched, t
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -24,6 +25,7 @@ import torch
 from ..prefix.positions import absolute_position_limit, max_positions
 from ..prefix.shapes import PrefixShape
 from ..prefix.tasks import check_task_name
+from .limits import MAX_LOGPROBS
 
 DEFAULT_CONTEXT = 2048  # max_context when neither the model nor the engine's cache names one
 
@@ -119,8 +121,6 @@ def max_context(model, capacity: int | None = None) -> tuple[int, int | None, st
 def check_request(req: GenRequest, vocab_size: int) -> None:
     """ValueError for a request no engine can run: no prompt, token ids outside the vocabulary, no new tokens, or
     sampling parameters out of range (the API checks the same first, with its own words)."""
-    from .sampling import check_sampling
-
     ids = req.prompt_ids
     if not isinstance(ids, (list, tuple)) or not ids:
         raise ValueError("expected prompt_ids to be a non-empty list of token ids")
@@ -146,3 +146,24 @@ def check_task(name: str, table: torch.Tensor, shape: PrefixShape, dims: tuple[i
     if not torch.isfinite(table).all():
         raise ValueError(f"task {name!r}: the table holds NaN or infinity")
     return table
+
+
+def check_sampling(req: GenRequest) -> None:
+    """ValueError for sampling parameters no engine can honour (the API checks them first, with its own words)."""
+    if not req.temperature >= 0 or math.isinf(req.temperature):
+        raise ValueError(f"expected a finite temperature >= 0, got {req.temperature!r}")
+    if not 0 < req.top_p <= 1:
+        raise ValueError(f"expected 0 < top_p <= 1, got {req.top_p!r}")
+    if not isinstance(req.top_k, int) or req.top_k < 0:
+        raise ValueError(f"expected top_k >= 0, got {req.top_k!r}")
+    if not 0 <= req.min_p <= 1:
+        raise ValueError(f"expected 0 <= min_p <= 1, got {req.min_p!r}")
+    if not req.repetition_penalty > 0 or math.isinf(req.repetition_penalty):
+        raise ValueError(f"expected a finite repetition_penalty > 0, got {req.repetition_penalty!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(req, name)):
+            raise ValueError(f"expected a finite {name}, got {getattr(req, name)!r}")
+    if req.logprobs is not None and not (isinstance(req.logprobs, int) and 0 <= req.logprobs <= MAX_LOGPROBS):
+        raise ValueError(f"expected logprobs in [0, {MAX_LOGPROBS}] or None, got {req.logprobs!r}")
+    if not all(isinstance(t, int) for t in req.stop_token_ids):
+        raise ValueError("expected stop_token_ids to be token ids")

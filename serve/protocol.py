@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .limits import MAX_LOGPROBS
+
 INT64 = 2 ** 63
 # Stop strings are matched against every new token's text: at most MAX_STOPS of them (OpenAI allows 4, vLLM sets no
 # bound), each at most MAX_STOP_CHARS characters; past either, a 400.
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_CHOICES = 128  # n x prompts of one request
-MAX_LOGPROBS = 20  # alternatives per token (vLLM's default --max-logprobs)
 
 
 class ApiError(Exception):

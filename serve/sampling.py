@@ -20,7 +20,6 @@ only on its own logits and generator, never on its batch companions.
 """
 from __future__ import annotations
 
-import math
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ import torch
 
 from .contract import GenRequest
 
-MAX_LOGPROBS = 20        # most alternatives per token (vLLM's default --max-logprobs)
 LOGPROB_FLOOR = -9999.0  # what -inf becomes in JSON (as vLLM)
 
 
@@ -38,27 +36,6 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-
-
-def check_sampling(req: GenRequest) -> None:
-    """ValueError for sampling parameters no engine can honour (the API checks them first, with its own words)."""
-    if not req.temperature >= 0 or math.isinf(req.temperature):
-        raise ValueError(f"expected a finite temperature >= 0, got {req.temperature!r}")
-    if not 0 < req.top_p <= 1:
-        raise ValueError(f"expected 0 < top_p <= 1, got {req.top_p!r}")
-    if not isinstance(req.top_k, int) or req.top_k < 0:
-        raise ValueError(f"expected top_k >= 0, got {req.top_k!r}")
-    if not 0 <= req.min_p <= 1:
-        raise ValueError(f"expected 0 <= min_p <= 1, got {req.min_p!r}")
-    if not req.repetition_penalty > 0 or math.isinf(req.repetition_penalty):
-        raise ValueError(f"expected a finite repetition_penalty > 0, got {req.repetition_penalty!r}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(req, name)):
-            raise ValueError(f"expected a finite {name}, got {getattr(req, name)!r}")
-    if req.logprobs is not None and not (isinstance(req.logprobs, int) and 0 <= req.logprobs <= MAX_LOGPROBS):
-        raise ValueError(f"expected logprobs in [0, {MAX_LOGPROBS}] or None, got {req.logprobs!r}")
-    if not all(isinstance(t, int) for t in req.stop_token_ids):
-        raise ValueError("expected stop_token_ids to be token ids")
 
 
 class RequestSampler:
