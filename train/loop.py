@@ -226,6 +226,9 @@ def setup(a: TrainArgs, ds_cfg: dict, out: Outputs) -> Run:
                         f"(--batch_size {ds_cfg['train_micro_batch_size_per_gpu']} x --n_accum_steps "
                         f"{ds_cfg['gradient_accumulation_steps']} x {world} processes): add data or shrink these")
 
+    # Seeded again here: the encoder's initial weights depend on --seed alone, not on how many random numbers loading
+    # the base drew (a GGUF converted on first use, and a cached folder read later, draw differently).
+    torch.manual_seed(a.seed)
     encoder = PrefixEncoder(shape, a.prefix_input_dim, a.prefix_hidden_dim, a.prefix_dropout)
     anchor = text_key_values(base, tok, a.prefix_init_text, shape) if a.prefix_init == "text" else None
     encoder.reset(a.prefix_init, anchor)
