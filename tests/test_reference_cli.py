@@ -19,15 +19,17 @@ TINY = ["--max_seq_len", 32, "--prefix_seq_len", 4, "--prefix_input_dim", 16, "-
 
 
 def test_the_articles_command_line_runs_from_an_empty_folder(tiny_neox_dir, tmp_path):
-    """`--deepspeed_config ./ds_config.json` names where the built configuration is written (the seed reference's
-    convention); the folder holds nothing but the data file. Launcher, two ranks, ZeRO-2 + CPU offload."""
+    """rinna's README command line, flag for flag, with `--offload` added: `--deepspeed_config ./ds_config.json`
+    names where the built configuration is written (the seed reference's convention); the folder holds nothing but
+    the data file. Launcher, two ranks, ZeRO-2 + CPU offload."""
     work = tmp_path / "work"
     work.mkdir()
     records = ["\n".join(CORPUS[(i + j) % 5] for j in range(2)) for i in range(90)]
     (work / "sample_data.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in records), "utf-8")
     cmd = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", "29617", "--module", "train",
            "--model_type", "gpt-neox", "--pretrained_model_dir", str(tiny_neox_dir),
-           "--data_filepath", "./sample_data.jsonl", "--deepspeed", "--deepspeed_config", "./ds_config.json",
+           "--data_filepath", "./sample_data.jsonl", "--train_data_size", "1000", "--dev_data_size", "10",
+           "--batch_size", "4", "--max_lr", "0.0001", "--deepspeed", "--deepspeed_config", "./ds_config.json",
            "--save_name", "smileface", "--save_model", "--offload"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK")}
     proc = subprocess.run(cmd, cwd=work, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
@@ -38,13 +40,13 @@ def test_the_articles_command_line_runs_from_an_empty_folder(tiny_neox_dir, tmp_
     cfg = json.loads((work / "ds_config.json").read_text("utf-8"))
     assert cfg["zero_optimization"]["stage"] == 2
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert cfg["train_batch_size"] == 8 * 2 and cfg["train_micro_batch_size_per_gpu"] == 8
+    assert cfg["train_batch_size"] == 4 * 2 and cfg["train_micro_batch_size_per_gpu"] == 4
     assert "2 process(es)" in proc.stdout and "ZeRO-2 + CPU offload" in proc.stdout
     table, shape, meta = load_prefix(work / "runs" / "smileface.safetensors")
     assert meta["task"] == "smileface" and table.isfinite().all()
     # The file now exists: DeepSpeed's convention, it is read (a flag still wins over it) and left as it was.
     before = (work / "ds_config.json").read_bytes()
-    cfg["train_micro_batch_size_per_gpu"] = 4
+    cfg["train_micro_batch_size_per_gpu"] = 2
     (work / "ds_config.json").write_text(json.dumps(cfg), "utf-8")
     proc = subprocess.run([sys.executable, "-m", "train", "--model_type", "gpt-neox", "--pretrained_model_dir",
                            str(tiny_neox_dir), "--data_filepath", "./sample_data.jsonl", "--deepspeed",
@@ -52,8 +54,8 @@ def test_the_articles_command_line_runs_from_an_empty_folder(tiny_neox_dir, tmp_
                            "--estimate"], cwd=work, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "no such file" not in proc.stdout and "batch 4 x seq" in proc.stdout, proc.stdout
-    assert json.loads((work / "ds_config.json").read_text("utf-8"))["train_micro_batch_size_per_gpu"] == 4
+    assert "no such file" not in proc.stdout and "batch 2 x seq" in proc.stdout, proc.stdout
+    assert json.loads((work / "ds_config.json").read_text("utf-8"))["train_micro_batch_size_per_gpu"] == 2
     assert before != (work / "ds_config.json").read_bytes()
 
 
