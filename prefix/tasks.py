@@ -2,8 +2,8 @@
 
 A task name travels far: it is a prefix file's header field, a file name in --prefix_dir, the `model` of an OpenAI
 request, a Prometheus label, a log word and a FasterTransformer config.ini entry. So it is short and plain:
-1-64 characters from letters, digits, '_', '-' and '.', starting with a letter, digit or '_' (no hidden
-files, no '..'), and not `base`, which means "no prefix" everywhere. A server also reserves its base model's id; the
+1-64 characters from letters, digits, '_', '-' and '.', starting with a letter, digit or '_' (never a hidden
+file, '.' or '..'), and not `base`, which means "no prefix" everywhere. A server also reserves its base model's id; the
 FasterTransformer export adds its own placeholder names (convert/ft_layout.py).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 BASE_TASK = "base"  # the task name that means "no prefix"
 MAX_TASK_NAME = 64
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_TASK_NAME - 1}}}")
 RENAME = "python -m prefixtune.convert retask --prefix {path} --task NEW_NAME"  # the one rename command
 RULE = (f"1-{MAX_TASK_NAME} letters, digits, '_', '-' or '.', starting with a letter, digit or '_', "
         f"and not {BASE_TASK!r} (it means no prefix)")
